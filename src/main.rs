@@ -1,3 +1,10 @@
-fn main() {
-    println!("Hello, world!");
-}
+mod buffer;
+mod config;
+mod ini;
+mod logging;
+mod notify;
+mod protocol;
+mod resolve;
+mod stat;
+mod timer;
+fn main() {}

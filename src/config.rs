@@ -1,0 +1,322 @@
+//! `Config`: the command line (lexopt), applied left to right, with each
+//! `-c file` merged where it stands (PROTOCOL.md "Configuration").
+//!
+//! In scope: turning arguments and INI entries into settings, and saying
+//! clearly what is wrong with them. Out of scope: sockets, logging (warnings
+//! are collected and logged by `main` once the log is open).
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use crate::ini;
+use crate::protocol::{self, ConnRequest};
+
+pub const DEFAULT_PORT: u16 = 2504;
+pub const DEFAULT_VERA: &str = "http://127.0.0.1:3480";
+
+pub const USAGE: &str = "\
+usage: sockproxyd [-c file] [-a addr] [-p port] [-L logfile] [-N url] [-D]
+  -c file   read an INI configuration file (applied where it stands)
+  -a addr   address to listen on (default *, all IPv4 interfaces)
+  -p port   command port (default 2504; 0 picks a free port)
+  -L file   log file, appended (- = stderr, the default)
+  -N url    Luup base URL (default http://127.0.0.1:3480); -V is an alias
+  -D        debug logging
+  -h, --help     this text
+  --version      print the version";
+
+/// A `[direct]` listener: connections to `port` go straight to `request`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Direct {
+    pub port: u16,
+    pub request: ConnRequest,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub ip: IpAddr,
+    pub port: u16,
+    /// Luup base URL, without a trailing `/`.
+    pub vera: String,
+    /// `None`: stderr.
+    pub log: Option<PathBuf>,
+    pub debug: bool,
+    pub direct: Vec<Direct>,
+    /// Things worth a warning in the log, once it is open.
+    pub warnings: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            ip: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port: DEFAULT_PORT,
+            vera: DEFAULT_VERA.to_string(),
+            log: None,
+            debug: false,
+            direct: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum Parsed {
+    Run(Config),
+    Help,
+    Version,
+}
+
+/// `Display` is the one line printed before exit.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A bad command line: usage follows, exit 2.
+    Usage(String),
+    /// A bad configuration file: exit 1.
+    File(String),
+}
+
+impl ConfigError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ConfigError::Usage(_) => 2,
+            ConfigError::File(_) => 1,
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Usage(m) | ConfigError::File(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<lexopt::Error> for ConfigError {
+    fn from(e: lexopt::Error) -> ConfigError {
+        ConfigError::Usage(e.to_string())
+    }
+}
+
+/// Parses the arguments after the program name.
+pub fn parse_args<I>(args: I) -> Result<Parsed, ConfigError>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    use lexopt::prelude::*;
+    let mut config = Config::default();
+    let mut parser = lexopt::Parser::from_args(args);
+    let usage = |opt: &str, v: &str, what: &str| {
+        ConfigError::Usage(format!("invalid value {v:?} for option '{opt}': {what}"))
+    };
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('c') => {
+                let path = PathBuf::from(parser.value()?);
+                let text = std::fs::read(&path).map_err(|e| {
+                    ConfigError::File(format!("config: cannot read {}: {e}", path.display()))
+                })?;
+                let text = String::from_utf8_lossy(&text);
+                apply_file(&mut config, &path.display().to_string(), &text)?;
+            }
+            Short('a') => {
+                let v = parser.value()?.string()?;
+                config.ip = parse_ip(&v).ok_or_else(|| usage("-a", &v, "not an IP address"))?;
+            }
+            Short('p') => {
+                let v = parser.value()?.string()?;
+                config.port = v.parse().map_err(|_| usage("-p", &v, "not a port"))?;
+            }
+            Short('L') => {
+                let v = parser.value()?;
+                config.log = (v != "-").then(|| PathBuf::from(v));
+            }
+            Short('N') | Short('V') => {
+                let v = parser.value()?.string()?;
+                config.vera = parse_vera(&v).ok_or_else(|| usage("-N", &v, "not an http:// URL"))?;
+            }
+            Short('D') => config.debug = true,
+            Short('h') | Long("help") => return Ok(Parsed::Help),
+            Long("version") => return Ok(Parsed::Version),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    Ok(Parsed::Run(config))
+}
+
+/// `*` or an IP address literal.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    match s {
+        "*" | "" => Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+        _ => s.trim_start_matches('[').trim_end_matches(']').parse().ok(),
+    }
+}
+
+/// The notifier speaks plain HTTP only (no TLS in a router binary).
+fn parse_vera(s: &str) -> Option<String> {
+    let rest = s.strip_prefix("http://")?;
+    (!rest.is_empty()).then(|| s.trim_end_matches('/').to_string())
+}
+
+fn is_true(v: Option<&str>) -> Option<bool> {
+    match v.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("" | "1" | "true" | "yes" | "on") => Some(true),
+        Some("0" | "false" | "no" | "off") => Some(false),
+        _ => None,
+    }
+}
+
+/// Merges the INI `text` of the file `name` into `config`.
+pub fn apply_file(config: &mut Config, name: &str, text: &str) -> Result<(), ConfigError> {
+    let parsed = ini::parse(text);
+    for w in parsed.warnings {
+        config.warnings.push(format!("config {name}: {w}"));
+    }
+    for e in parsed.entries {
+        let line = e.line;
+        let value = e.value.as_deref();
+        let bad = |what: &str| {
+            ConfigError::File(format!(
+                "config {name}: line {line}: bad {what} {:?}",
+                value.unwrap_or("")
+            ))
+        };
+        match (e.section.as_str(), e.key.as_str()) {
+            ("host", "ip") => config.ip = value.and_then(parse_ip).ok_or_else(|| bad("ip"))?,
+            ("host", "port") => {
+                config.port = value.and_then(|v| v.parse().ok()).ok_or_else(|| bad("port"))?;
+            }
+            ("host", "vera") => {
+                config.vera = value.and_then(parse_vera).ok_or_else(|| bad("vera URL"))?;
+            }
+            ("host", "log") => {
+                config.log = match value {
+                    None | Some("" | "-") => None,
+                    Some(p) => Some(PathBuf::from(p)),
+                };
+            }
+            ("host", "debug") => config.debug = is_true(value).ok_or_else(|| bad("debug"))?,
+            ("direct", port) => {
+                let port: u16 = port
+                    .parse()
+                    .ok()
+                    .filter(|&p| p != 0)
+                    .ok_or_else(|| bad("direct listener port for"))?;
+                let request = parse_direct(value.unwrap_or("")).map_err(|why| {
+                    ConfigError::File(format!("config {name}: line {line}: [direct] {port}: {why}"))
+                })?;
+                config.direct.retain(|d| d.port != port);
+                config.direct.push(Direct { port, request });
+            }
+            (section, key) => config.warnings.push(format!(
+                "config {name}: line {line}: unknown key {key:?} in [{section}], ignored"
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// The value of a `[direct]` entry: `host:port [options]`, with or without
+/// a leading `CONN` (the seed's example has one).
+fn parse_direct(value: &str) -> Result<ConnRequest, String> {
+    let words: Vec<&str> = value.split_whitespace().collect();
+    let words = match words.split_first() {
+        Some((&"CONN", rest)) => rest,
+        _ => &words[..],
+    };
+    protocol::parse_conn(words).map_err(|e| {
+        e.to_string()
+            .trim_start_matches("ERR CONN ")
+            .to_string()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn run(args: &[&str]) -> Result<Config, ConfigError> {
+        match parse_args(args.iter().copied())? {
+            Parsed::Run(c) => Ok(c),
+            other => panic!("expected Run, got {other:?}"),
+        }
+    }
+
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("sockproxyd-{}-{name}", std::process::id()));
+        let mut f = std::fs::File::create(&path).expect("temp file");
+        f.write_all(text.as_bytes()).expect("write temp file");
+        path
+    }
+
+    #[test]
+    fn defaults() {
+        let c = run(&[]).expect("no args");
+        assert_eq!(c, Config::default());
+        assert_eq!(c.port, 2504);
+        assert_eq!(c.ip.to_string(), "0.0.0.0");
+    }
+
+    #[test]
+    fn left_to_right() {
+        let f = temp_file("order.ini", "[host]\nport=2600\nip=127.0.0.2\ndebug\n");
+        let f = f.to_str().expect("utf-8 path");
+        let c = run(&["-c", f, "-p", "2700"]).expect("ok");
+        assert_eq!((c.port, c.ip.to_string(), c.debug), (2700, "127.0.0.2".into(), true));
+        let c = run(&["-p", "2700", "-a", "127.0.0.3", "-c", f]).expect("ok");
+        assert_eq!((c.port, c.ip.to_string()), (2600, "127.0.0.2".into()));
+        let c = run(&["-N", "http://10.0.0.2:3480/", "-V", "http://h:1", "-L", "-"]).expect("ok");
+        assert_eq!((c.vera.as_str(), c.log), ("http://h:1", None));
+    }
+
+    #[test]
+    fn usage_errors() {
+        for args in [&["-x"][..], &["-p"], &["-p", "99999"], &["-a", "nowhere"], &["-N", "ftp://x"], &["stray"]] {
+            let e = run(args).expect_err("must fail");
+            assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+        }
+        assert!(matches!(parse_args(["--help"]), Ok(Parsed::Help)));
+        assert!(matches!(parse_args(["-h"]), Ok(Parsed::Help)));
+        assert!(matches!(parse_args(["--version"]), Ok(Parsed::Version)));
+    }
+
+    #[test]
+    fn file_errors_and_warnings() {
+        let e = run(&["-c", "/nonexistent/sockproxyd.ini"]).expect_err("must fail");
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().starts_with("config: cannot read /nonexistent/sockproxyd.ini: "));
+
+        let mut c = Config::default();
+        let e = apply_file(&mut c, "f", "[host]\n\nport=x\n").expect_err("bad port");
+        assert_eq!(e.to_string(), "config f: line 3: bad port \"x\"");
+
+        let mut c = Config::default();
+        apply_file(&mut c, "f", "junk\n[host]\ncolour=blue\n[weird]\na=b\n").expect("warnings only");
+        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+        assert!(c.warnings[1].contains("line 3: unknown key \"colour\" in [host]"));
+    }
+
+    #[test]
+    fn direct_entries() {
+        let mut c = Config::default();
+        apply_file(
+            &mut c,
+            "f",
+            "[direct]\n8125=CONN mail.example.com:25 NTFY=55/urn:x:serviceId:M1/HandleReceive/0\n9000 = 127.0.0.1:23\n",
+        )
+        .expect("ok");
+        assert_eq!(c.direct.len(), 2);
+        assert_eq!(c.direct[0].port, 8125);
+        assert_eq!(c.direct[0].request.target, "mail.example.com:25");
+        assert_eq!(c.direct[0].request.options.len(), 1);
+        assert_eq!(c.direct[1].request.target, "127.0.0.1:23");
+        let e = apply_file(&mut c, "f", "[direct]\n9001=CONN h:1 BOGUS=1\n").expect_err("bad");
+        assert_eq!(e.to_string(), "config f: line 2: [direct] 9001: Invalid option BOGUS=1");
+        assert!(apply_file(&mut c, "f", "[direct]\nx=h:1\n").is_err());
+    }
+}

@@ -1,0 +1,180 @@
+//! Notifications to Luup (PROTOCOL.md "Notifications"): the notifier thread,
+//! its ureq agent, and `notify_url()`.
+//!
+//! In scope: building the URL, performing the GET (5 s timeout), judging
+//! the answer (Vera: 401; openLuup: 200 with a body starting `ERROR:`) and
+//! warning once per connection. Out of scope: deciding when to notify
+//! (coalescing and PACE are the loop's, through `Job::claim`); connections.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread;
+use std::time::Duration;
+
+use log::{debug, warn};
+
+use crate::protocol::NotifyTarget;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+/// How much of an answer's body is read to look for `ERROR:`.
+const BODY_PEEK: u64 = 512;
+
+/// One connection's notification target, shared between the loop (which
+/// claims it) and the notifier thread (which releases it).
+pub struct Job {
+    pub conn: String,
+    pub url: String,
+    queued: AtomicBool,
+    warned: AtomicBool,
+}
+
+impl Job {
+    pub fn new(conn: &str, vera: &str, target: &NotifyTarget) -> Arc<Job> {
+        let pid = target.pid.as_deref().unwrap_or(conn);
+        Arc::new(Job {
+            conn: conn.to_string(),
+            url: notify_url(vera, target, pid),
+            queued: AtomicBool::new(false),
+            warned: AtomicBool::new(false),
+        })
+    }
+
+    /// True if no notification for this connection is waiting: the caller
+    /// then queues one. PROTOCOL.md: at most one waits at any time.
+    pub fn claim(&self) -> bool {
+        !self.queued.swap(true, Ordering::AcqRel)
+    }
+}
+
+/// `<vera>/data_request?id=action&...` with sid, action and pid
+/// percent-encoded.
+pub fn notify_url(vera: &str, target: &NotifyTarget, pid: &str) -> String {
+    format!(
+        "{}/data_request?id=action&output_format=json&DeviceNum={}&serviceId={}&action={}&Pid={}",
+        vera.trim_end_matches('/'),
+        target.device,
+        encode(&target.service),
+        encode(&target.action),
+        encode(pid)
+    )
+}
+
+/// Percent-encodes everything but `A-Z a-z 0-9 _ . ~ -`.
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'~' | b'-') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+pub struct Notifier {
+    tx: Sender<Arc<Job>>,
+    done: Receiver<()>,
+}
+
+impl Notifier {
+    pub fn spawn() -> std::io::Result<Notifier> {
+        let (tx, rx) = mpsc::channel::<Arc<Job>>();
+        let (done_tx, done) = mpsc::channel();
+        thread::Builder::new()
+            .name("notifier".into())
+            .spawn(move || {
+                let agent: ureq::Agent = ureq::Agent::config_builder()
+                    .timeout_global(Some(TIMEOUT))
+                    .http_status_as_error(false)
+                    .user_agent("sockproxyd-1")
+                    .max_idle_connections(0)
+                    .build()
+                    .into();
+                for job in rx {
+                    // Released before the GET: data that arrives while it is
+                    // in flight earns a fresh notification.
+                    job.queued.store(false, Ordering::Release);
+                    match get(&agent, &job.url) {
+                        Ok(()) => debug!("{}: notified {}", job.conn, job.url),
+                        Err(why) if !job.warned.swap(true, Ordering::Relaxed) => {
+                            warn!("{}: notification failed: {why}: {}", job.conn, job.url)
+                        }
+                        Err(why) => debug!("{}: notification failed: {why}", job.conn),
+                    }
+                }
+                let _ = done_tx.send(());
+            })?;
+        Ok(Notifier { tx, done })
+    }
+
+    /// Queues a GET; never blocks.
+    pub fn send(&self, job: Arc<Job>) {
+        // The thread only ends after `finish`; if it died, the loop goes on.
+        let _ = self.tx.send(job);
+    }
+
+    /// Lets the thread send what is queued, waiting at most `wait`.
+    pub fn finish(self, wait: Duration) {
+        drop(self.tx);
+        let _ = self.done.recv_timeout(wait);
+    }
+}
+
+fn get(agent: &ureq::Agent, url: &str) -> Result<(), String> {
+    let mut resp = agent
+        .get(url)
+        .header("Connection", "close")
+        .call()
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let mut body = Vec::new();
+    // A body we cannot read is no reason to doubt a 200.
+    let _ = resp
+        .body_mut()
+        .as_reader()
+        .take(BODY_PEEK)
+        .read_to_end(&mut body);
+    if !status.is_success() {
+        return Err(format!("HTTP {}", status.as_u16()));
+    }
+    let body = String::from_utf8_lossy(&body);
+    if body.trim_start().starts_with("ERROR:") {
+        return Err(body.lines().next().unwrap_or_default().to_string());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{DEFAULT_ACTION, DEFAULT_SERVICE};
+
+    #[test]
+    fn url_fields() {
+        let t = NotifyTarget {
+            device: 0,
+            service: DEFAULT_SERVICE.into(),
+            action: DEFAULT_ACTION.into(),
+            pid: None,
+        };
+        assert_eq!(
+            notify_url("http://127.0.0.1:3480/", &t, "17a2b"),
+            "http://127.0.0.1:3480/data_request?id=action&output_format=json&DeviceNum=0\
+             &serviceId=urn%3Atoggledbits-com%3AserviceId%3ASockProxy1\
+             &action=HandleReceiveData&Pid=17a2b"
+        );
+        let t = NotifyTarget {
+            device: 7,
+            service: "a b/c".into(),
+            action: "Do_it.~-".into(),
+            pid: Some("x&y=z%".into()),
+        };
+        let job = Job::new("17a2c", "http://h:1", &t);
+        assert!(job.url.ends_with("DeviceNum=7&serviceId=a%20b%2Fc&action=Do_it.~-&Pid=x%26y%3Dz%25"));
+        assert!(job.claim());
+        assert!(!job.claim());
+    }
+}
