@@ -79,7 +79,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             ConfigError::Usage(_) => 2,
             ConfigError::File(_) => 1,
@@ -137,7 +137,8 @@ where
             }
             Short('N') | Short('V') => {
                 let v = parser.value()?.string()?;
-                config.vera = parse_vera(&v).ok_or_else(|| usage("-N", &v, "not an http:// URL"))?;
+                config.vera =
+                    parse_vera(&v).ok_or_else(|| usage("-N", &v, "not an http:// URL"))?;
             }
             Short('D') => config.debug = true,
             Short('h') | Long("help") => return Ok(Parsed::Help),
@@ -188,7 +189,9 @@ pub fn apply_file(config: &mut Config, name: &str, text: &str) -> Result<(), Con
         match (e.section.as_str(), e.key.as_str()) {
             ("host", "ip") => config.ip = value.and_then(parse_ip).ok_or_else(|| bad("ip"))?,
             ("host", "port") => {
-                config.port = value.and_then(|v| v.parse().ok()).ok_or_else(|| bad("port"))?;
+                config.port = value
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| bad("port"))?;
             }
             ("host", "vera") => {
                 config.vera = value.and_then(parse_vera).ok_or_else(|| bad("vera URL"))?;
@@ -207,7 +210,9 @@ pub fn apply_file(config: &mut Config, name: &str, text: &str) -> Result<(), Con
                     .filter(|&p| p != 0)
                     .ok_or_else(|| bad("direct listener port for"))?;
                 let request = parse_direct(value.unwrap_or("")).map_err(|why| {
-                    ConfigError::File(format!("config {name}: line {line}: [direct] {port}: {why}"))
+                    ConfigError::File(format!(
+                        "config {name}: line {line}: [direct] {port}: {why}"
+                    ))
                 })?;
                 config.direct.retain(|d| d.port != port);
                 config.direct.push(Direct { port, request });
@@ -228,11 +233,8 @@ fn parse_direct(value: &str) -> Result<ConnRequest, String> {
         Some((&"CONN", rest)) => rest,
         _ => &words[..],
     };
-    protocol::parse_conn(words).map_err(|e| {
-        e.to_string()
-            .trim_start_matches("ERR CONN ")
-            .to_string()
-    })
+    protocol::parse_conn(words)
+        .map_err(|e| e.to_string().trim_start_matches("ERR CONN ").to_string())
 }
 
 #[cfg(test)]
@@ -267,7 +269,10 @@ mod tests {
         let f = temp_file("order.ini", "[host]\nport=2600\nip=127.0.0.2\ndebug\n");
         let f = f.to_str().expect("utf-8 path");
         let c = run(&["-c", f, "-p", "2700"]).expect("ok");
-        assert_eq!((c.port, c.ip.to_string(), c.debug), (2700, "127.0.0.2".into(), true));
+        assert_eq!(
+            (c.port, c.ip.to_string(), c.debug),
+            (2700, "127.0.0.2".into(), true)
+        );
         let c = run(&["-p", "2700", "-a", "127.0.0.3", "-c", f]).expect("ok");
         assert_eq!((c.port, c.ip.to_string()), (2600, "127.0.0.2".into()));
         let c = run(&["-N", "http://10.0.0.2:3480/", "-V", "http://h:1", "-L", "-"]).expect("ok");
@@ -276,7 +281,14 @@ mod tests {
 
     #[test]
     fn usage_errors() {
-        for args in [&["-x"][..], &["-p"], &["-p", "99999"], &["-a", "nowhere"], &["-N", "ftp://x"], &["stray"]] {
+        for args in [
+            &["-x"][..],
+            &["-p"],
+            &["-p", "99999"],
+            &["-a", "nowhere"],
+            &["-N", "ftp://x"],
+            &["stray"],
+        ] {
             let e = run(args).expect_err("must fail");
             assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
         }
@@ -289,14 +301,18 @@ mod tests {
     fn file_errors_and_warnings() {
         let e = run(&["-c", "/nonexistent/sockproxyd.ini"]).expect_err("must fail");
         assert_eq!(e.exit_code(), 1);
-        assert!(e.to_string().starts_with("config: cannot read /nonexistent/sockproxyd.ini: "));
+        assert!(
+            e.to_string()
+                .starts_with("config: cannot read /nonexistent/sockproxyd.ini: ")
+        );
 
         let mut c = Config::default();
         let e = apply_file(&mut c, "f", "[host]\n\nport=x\n").expect_err("bad port");
         assert_eq!(e.to_string(), "config f: line 3: bad port \"x\"");
 
         let mut c = Config::default();
-        apply_file(&mut c, "f", "junk\n[host]\ncolour=blue\n[weird]\na=b\n").expect("warnings only");
+        apply_file(&mut c, "f", "junk\n[host]\ncolour=blue\n[weird]\na=b\n")
+            .expect("warnings only");
         assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
         assert!(c.warnings[1].contains("line 3: unknown key \"colour\" in [host]"));
     }
@@ -316,7 +332,10 @@ mod tests {
         assert_eq!(c.direct[0].request.options.len(), 1);
         assert_eq!(c.direct[1].request.target, "127.0.0.1:23");
         let e = apply_file(&mut c, "f", "[direct]\n9001=CONN h:1 BOGUS=1\n").expect_err("bad");
-        assert_eq!(e.to_string(), "config f: line 2: [direct] 9001: Invalid option BOGUS=1");
+        assert_eq!(
+            e.to_string(),
+            "config f: line 2: [direct] 9001: Invalid option BOGUS=1"
+        );
         assert!(apply_file(&mut c, "f", "[direct]\nx=h:1\n").is_err());
     }
 }

@@ -48,7 +48,8 @@ pub fn parse(text: &str) -> Ini {
             None => (s, None),
         };
         if key.is_empty() {
-            ini.warnings.push(format!("line {line}: missing key in {s:?}"));
+            ini.warnings
+                .push(format!("line {line}: missing key in {s:?}"));
             continue;
         }
         ini.entries.push(Entry {

@@ -75,7 +75,8 @@ fn encode(s: &str) -> String {
 }
 
 pub struct Notifier {
-    tx: Sender<Arc<Job>>,
+    /// `None` once `finish` has let the thread go.
+    tx: Option<Sender<Arc<Job>>>,
     done: Receiver<()>,
 }
 
@@ -107,18 +108,20 @@ impl Notifier {
                 }
                 let _ = done_tx.send(());
             })?;
-        Ok(Notifier { tx, done })
+        Ok(Notifier { tx: Some(tx), done })
     }
 
     /// Queues a GET; never blocks.
     pub fn send(&self, job: Arc<Job>) {
         // The thread only ends after `finish`; if it died, the loop goes on.
-        let _ = self.tx.send(job);
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(job);
+        }
     }
 
     /// Lets the thread send what is queued, waiting at most `wait`.
-    pub fn finish(self, wait: Duration) {
-        drop(self.tx);
+    pub fn finish(&mut self, wait: Duration) {
+        self.tx = None;
         let _ = self.done.recv_timeout(wait);
     }
 }
@@ -173,7 +176,10 @@ mod tests {
             pid: Some("x&y=z%".into()),
         };
         let job = Job::new("17a2c", "http://h:1", &t);
-        assert!(job.url.ends_with("DeviceNum=7&serviceId=a%20b%2Fc&action=Do_it.~-&Pid=x%26y%3Dz%25"));
+        assert!(
+            job.url
+                .ends_with("DeviceNum=7&serviceId=a%20b%2Fc&action=Do_it.~-&Pid=x%26y%3Dz%25")
+        );
         assert!(job.claim());
         assert!(!job.claim());
     }

@@ -370,8 +370,7 @@ pub fn parse_host_port(s: &str) -> Option<(Host, u16)> {
 fn is_host_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
 }
 
@@ -390,7 +389,10 @@ mod tests {
         long.push(b'\r');
         assert_eq!(next_line(&long), Line::Incomplete);
         long.push(b'\n');
-        assert_eq!(next_line(&long), Line::Complete(&long[..MAX_LINE], MAX_LINE + 2));
+        assert_eq!(
+            next_line(&long),
+            Line::Complete(&long[..MAX_LINE], MAX_LINE + 2)
+        );
         let too = vec![b'x'; MAX_LINE + 2];
         assert_eq!(next_line(&too), Line::TooLong);
         let mut too = vec![b'x'; MAX_LINE + 1];
@@ -421,7 +423,10 @@ mod tests {
             parse_command(b"PACE 0.5"),
             Ok(Command::Pace(Duration::from_millis(500)))
         );
-        assert_eq!(parse_command(b"PACE 2"), Ok(Command::Pace(Duration::from_secs(2))));
+        assert_eq!(
+            parse_command(b"PACE 2"),
+            Ok(Command::Pace(Duration::from_secs(2)))
+        );
         assert_eq!(parse_command(b"PACE -1"), Err(CmdError::Pace));
         assert_eq!(parse_command(b"PACE ."), Err(CmdError::Pace));
         assert_eq!(parse_command(b"PACE 1e3"), Err(CmdError::Pace));
@@ -440,7 +445,10 @@ mod tests {
         let Ok(Command::Ntfy(Some(t))) = parse_command(b"NTFY 0 urn:x:serviceId:Y1 Act p1") else {
             panic!("full NTFY did not parse");
         };
-        assert_eq!((t.device, &*t.service, &*t.action), (0, "urn:x:serviceId:Y1", "Act"));
+        assert_eq!(
+            (t.device, &*t.service, &*t.action),
+            (0, "urn:x:serviceId:Y1", "Act")
+        );
         assert_eq!(t.pid.as_deref(), Some("p1"));
         assert_eq!(parse_command(b"NTFY -1"), Ok(Command::Ntfy(None)));
         assert_eq!(parse_command(b"NTFY abc"), Ok(Command::Ntfy(None)));
@@ -454,7 +462,10 @@ mod tests {
         let Ok(Command::Conn(req)) = parse_command(line) else {
             panic!("CONN did not parse");
         };
-        assert_eq!(req.host, Host::Ip(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 5))));
+        assert_eq!(
+            req.host,
+            Host::Ip(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 5)))
+        );
         assert_eq!(req.port, 3232);
         assert_eq!(req.target, "192.168.0.5:3232");
         let s = req.settings(&Settings::default());
@@ -497,7 +508,10 @@ mod tests {
     fn conn_errors() {
         let err = |words: &[&str]| parse_conn(words).err().map(|e| e.to_string());
         assert_eq!(err(&[]), Some("ERR CONN Missing host:port".into()));
-        assert_eq!(err(&["host"]), Some("ERR CONN Invalid host:port host".into()));
+        assert_eq!(
+            err(&["host"]),
+            Some("ERR CONN Invalid host:port host".into())
+        );
         assert!(err(&["host:0"]).is_some());
         assert!(err(&["host:65536"]).is_some());
         assert!(err(&["host:+5"]).is_some());

@@ -111,7 +111,8 @@ mod tests {
         assert_eq!(resolver.answers().count(), 0);
         release.send(()).expect("release");
         let mut events = Events::with_capacity(4);
-        poll.poll(&mut events, Some(Duration::from_secs(10))).expect("poll");
+        poll.poll(&mut events, Some(Duration::from_secs(10)))
+            .expect("poll");
         assert_eq!(events.iter().next().map(|e| e.token()), Some(Token(7)));
         let answers: Vec<Answer> = resolver.answers().collect();
         assert_eq!(answers.len(), 1);

@@ -61,6 +61,7 @@ impl Timers {
         self.set.first().map(|&(at, _, _)| at)
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.set.len()
     }
