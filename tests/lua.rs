@@ -1,0 +1,204 @@
+//! Plugins written in Lua against the real LuaSocket (`tests/lua/*.lua`, run with
+//! `lua5.1`): the notify-then-read pattern of a Luup plugin, and the seed README's
+//! `connect()` sample falling back to a direct connection. Skipped, with the reason
+//! printed, when `lua5.1` or LuaSocket is missing (`LUA` overrides the interpreter).
+
+use crate::util::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Shutdown;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc::channel;
+use std::thread;
+use std::time::{Duration, Instant};
+
+fn lua() -> Option<String> {
+    let lua = std::env::var("LUA").unwrap_or_else(|_| "lua5.1".to_string());
+    match Command::new(&lua).args(["-e", "require 'socket'"]).output() {
+        Ok(o) if o.status.success() => Some(lua),
+        Ok(o) => {
+            eprintln!(
+                "skipping: {lua} cannot load LuaSocket (apt-get install lua-socket): {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipping: cannot run {lua} (apt-get install lua5.1 lua-socket): {e}");
+            None
+        }
+    }
+}
+
+fn script(name: &str) -> String {
+    format!("{}/tests/lua/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs a script to completion; kills it after `timeout`.
+fn run_lua(lua: &str, args: &[String], timeout: Duration) -> Output {
+    let mut child = Command::new(lua)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn lua");
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let st = child.wait().expect("wait");
+            eprintln!("lua script killed after {timeout:?}");
+            break st;
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: t_out.join().expect("join"),
+        stderr: t_err.join().expect("join"),
+    }
+}
+
+#[test]
+fn lua_plugin_reads_every_byte_on_notification() {
+    let Some(lua) = lua() else { return };
+    let luup_port = free_port();
+    let d = Daemon::start(&format!("http://127.0.0.1:{luup_port}"));
+    let dev = Device::listen();
+    let out_file =
+        std::env::temp_dir().join(format!("sockproxyd-test-{}-lua.out", std::process::id()));
+    let _ = std::fs::remove_file(&out_file);
+    let args: Vec<String> = vec![
+        script("plugin.lua"),
+        d.port().to_string(),
+        luup_port.to_string(),
+        dev.addr.port().to_string(),
+        "42".to_string(),
+        out_file.to_string_lossy().to_string(),
+    ];
+    let plugin = thread::spawn(move || run_lua(&lua, &args, dur(45_000)));
+
+    // The device: a multi-chunk answer with pauses, then EOF.
+    let mut s = dev.accept_within(dur(15_000));
+    let data = payload(9 * 1024, 21);
+    for c in data.chunks(1500) {
+        s.write_all(c).expect("device write");
+        thread::sleep(Duration::from_millis(150)); // the device's own pace
+    }
+    s.shutdown(Shutdown::Write).expect("device shutdown");
+
+    let o = plugin.join().expect("lua thread");
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        o.status.success(),
+        "plugin.lua failed ({}):\n{stderr}\n{stdout}",
+        o.status
+    );
+    let got = std::fs::read(&out_file).expect("plugin.lua output file");
+    let _ = std::fs::remove_file(&out_file);
+    assert_eq!(
+        (got.len(), fnv1a(&got)),
+        (data.len(), fnv1a(&data)),
+        "bytes the Lua plugin read (len, fnv); its output:\n{stdout}"
+    );
+    eprintln!("plugin.lua said:\n{stdout}");
+    assert!(
+        stdout.lines().any(|l| l == "FINAL"),
+        "no final notification after the close:\n{stdout}"
+    );
+    let n: usize = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("NOTIFICATIONS "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // PACE=1 over ~1 s of chunks: a few notifications, not one per chunk.
+    assert!(
+        (2..=6).contains(&n),
+        "{n} notifications before 'closed':\n{stdout}"
+    );
+    // The device sees the proxy close its side once the plugin closed.
+    let mut sink = Vec::new();
+    s.set_read_timeout(Some(dur(5_000))).expect("timeout");
+    let r = s.read_to_end(&mut sink);
+    assert!(
+        r.is_ok() && sink.is_empty(),
+        "device: expected a clean EOF, got {r:?} and {} bytes",
+        sink.len()
+    );
+    d.wait_no_other_connections(dur(5_000), "after the plugin closed");
+}
+
+#[test]
+fn readme_connect_sample_falls_back_to_a_direct_connection() {
+    let Some(lua) = lua() else { return };
+    let luup = FakeLuup::start();
+    let d = Daemon::start(&luup.url());
+    let dev = Device::listen();
+    // The device answers HELLO-DIRECT with WELCOME and reports the peer's port; other
+    // connections (the proxy's, if it got to connect) get nothing.
+    let (tx, rx) = channel();
+    let dev_addr = dev.addr;
+    let dev = std::sync::Arc::new(dev);
+    let dev2 = std::sync::Arc::clone(&dev);
+    thread::spawn(move || {
+        while let Some(s) = dev2.try_accept(Duration::from_secs(30)) {
+            let tx = tx.clone();
+            thread::spawn(move || {
+                let peer = s.peer_addr().map(|a| a.port()).unwrap_or(0);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut r = BufReader::new(s.try_clone().expect("clone"));
+                let mut line = String::new();
+                if r.read_line(&mut line).is_ok() && line == "HELLO-DIRECT\n" {
+                    let _ = (&s).write_all(b"WELCOME\n");
+                    let _ = tx.send(peer);
+                }
+            });
+        }
+    });
+    let args = vec![
+        script("readme_connect.lua"),
+        d.port().to_string(),
+        dev_addr.port().to_string(),
+    ];
+    let o = run_lua(&lua, &args, dur(30_000));
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        o.status.success(),
+        "readme_connect.lua failed ({}):\n{stderr}\n{stdout}",
+        o.status
+    );
+    assert!(
+        stdout.lines().any(|l| l == "REPLY WELCOME"),
+        "no answer over the returned socket:\n{stdout}"
+    );
+    let lport: u16 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("LOCALPORT "))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no LOCALPORT line:\n{stdout}"));
+    let peer = rx
+        .recv_timeout(dur(5_000))
+        .expect("the device saw no HELLO-DIRECT");
+    assert_eq!(
+        peer, lport,
+        "the socket connect() returned is not a direct connection to the device"
+    );
+    d.wait_no_other_connections(dur(5_000), "after the sample gave up on the proxy");
+}

@@ -1,0 +1,12 @@
+//! Black-box tests of `sockproxyd`: each test starts the real binary on its own ports
+//! and talks to it over loopback, as plugins, people and Luup do. See `util` for the
+//! fakes and `/work/shared/PROTOCOL.md` for the contract checked here.
+
+mod util;
+
+mod commands;
+mod config;
+mod echo;
+mod lifecycle;
+mod lua;
+mod notify;
