@@ -349,11 +349,12 @@ fn direct_listeners_connect_at_once_without_greeting() {
     let luup = FakeLuup::start();
     let dev1 = Device::listen();
     let dev2 = Device::listen();
-    let (p1, p2) = (free_port(), free_port());
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let closed = format!("127.0.0.1:{}", free_port());
     let cfg = s.file(
         "direct.ini",
         &format!(
-            "[direct]\n{p1}=CONN {} NTFY=5/urn:x:serviceId:Y1/HandleReceive\n{p2}={} RTIM=0\n",
+            "[direct]\n{p1}=CONN {} NTFY=5/urn:x:serviceId:Y1/HandleReceive\n{p2}={} RTIM=0\n{p3}=CONN {closed}\n",
             dev1.target(),
             dev2.target()
         ),
@@ -419,6 +420,12 @@ fn direct_listeners_connect_at_once_without_greeting() {
     // And the listener keeps accepting.
     let _c3 = Client::connect(l2);
     let _r3 = dev2.accept();
+
+    // Entry 3: the remote refuses; nobody to tell, the client is just closed.
+    let l3 = d.direct_addr(&closed);
+    assert_eq!(l3.port(), p3);
+    let mut c4 = Client::connect(l3);
+    c4.expect_eof(dur(7_000));
 }
 
 #[test]

@@ -76,9 +76,11 @@ fn restart_binds_the_same_port_at_once() {
     let luup = FakeLuup::start();
     let mut d = Daemon::start(&luup.url());
     let port = d.port().to_string();
+    let mut ids = std::collections::HashSet::new();
     // Connections the daemon closes first leave TIME_WAIT entries on its port.
     for _ in 0..3 {
-        let (mut c, _) = d.client();
+        let (mut c, id) = d.client();
+        ids.insert(id);
         c.send(b"QUIT\n");
         c.expect_line_then_eof("OK QUIT");
     }
@@ -92,7 +94,12 @@ fn restart_binds_the_same_port_at_once() {
     )
     .unwrap_or_else(|f| panic!("restart on port {port} failed: {f:?}"));
     assert_eq!(d2.port().to_string(), port);
-    d2.client();
+    // Ids are unlikely to repeat across restarts (PROTOCOL.md "Greeting").
+    let (_c, id) = d2.client();
+    assert!(
+        !ids.contains(&id),
+        "id {id} of the previous run given again after a restart"
+    );
 }
 
 #[test]

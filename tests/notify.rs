@@ -291,18 +291,28 @@ fn notification_at_remote_eof_and_final_after_the_end() {
 }
 
 #[test]
-fn final_notification_when_the_client_closes_first() {
+fn final_notification_when_rtim_ends_a_silent_connection() {
+    // Nothing ever comes from the remote, so no data or EOF notification is due: the one
+    // notification is the final one, after RTIM ended the connection.
     let (luup, d) = setup(LuupMode::Ok);
     let dev = Device::listen();
     let (mut c, id) = d.client();
-    conn_ok(&mut c, &format!("CONN {} NTFY=3", dev.target()));
+    conn_ok(&mut c, &format!("CONN {} NTFY=3 RTIM=300", dev.target()));
     let mut r = Client::from_stream(dev.accept());
-    c.send(b"bye");
-    drop(c);
-    assert_eq!(r.read_to_eof(dur(5_000)), b"bye");
-    drop(r);
+    c.send(b"hello?");
+    assert_eq!(r.read_n(6, dur(5_000)), b"hello?");
+    assert!(
+        luup.requests().is_empty(),
+        "notified before anything came from the remote"
+    );
+    c.expect_eof(dur(5_000));
     let n = luup.wait_pid(&id, 1, dur(5_000));
     check_request(&n[0], "3", DEFAULT_SID, DEFAULT_ACT, &id);
+    holds_for(
+        Duration::from_millis(300),
+        "exactly one final notification",
+        || luup.requests().len() == 1,
+    );
 }
 
 #[test]
@@ -322,7 +332,7 @@ fn pace_sends_the_first_at_once_and_holds_the_rest_to_the_window_end() {
     r.send(b"a");
     let first = luup.wait_pid("pace", 1, dur(5_000))[0].clone();
     assert!(
-        first.at - t0 < dur(500),
+        first.at - t0 < dur(800),
         "first paced notification took {:?}",
         first.at - t0
     );
@@ -368,7 +378,7 @@ fn pace_zero_notifies_each_batch_promptly() {
         r.send(b"k");
         let n = luup.wait_pid("p0", i, dur(3_000));
         assert!(
-            n[i - 1].at - t < dur(500),
+            n[i - 1].at - t < dur(800),
             "notification {i} took {:?}",
             n[i - 1].at - t
         );
@@ -427,8 +437,9 @@ fn stalled_luup_does_not_delay_data() {
             let t = Instant::now();
             c.send(b"ping!");
             assert_eq!(c.read_n(5, dur(2_000)), b"ping!");
+            // Generous for a loaded machine: a stalled request blocks for 5 s.
             assert!(
-                t.elapsed() < dur(500),
+                t.elapsed() < dur(1_500),
                 "round trip took {:?} with Luup stalled",
                 t.elapsed()
             );
@@ -438,7 +449,7 @@ fn stalled_luup_does_not_delay_data() {
         x.send(b"CAPA\n");
         assert!(x.line().starts_with("OK CAPA"));
         assert!(
-            t.elapsed() < dur(500),
+            t.elapsed() < dur(1_500),
             "greeting + CAPA took {:?} with Luup stalled",
             t.elapsed()
         );

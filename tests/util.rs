@@ -52,6 +52,7 @@ pub fn dur(ms: u64) -> Duration {
 }
 
 /// Polls `cond` every 10 ms until it holds; panics naming `what` after `timeout`.
+#[track_caller]
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     loop {
@@ -67,6 +68,7 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
 
 /// Checks that `cond` keeps holding for the whole of `window` (for "nothing more
 /// happens" assertions, which need some window to be meaningful).
+#[track_caller]
 pub fn holds_for(window: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let end = Instant::now() + window;
     while Instant::now() < end {
@@ -185,6 +187,7 @@ pub fn command(args: &[String]) -> Command {
 
 /// Runs the daemon to completion (for options that make it exit at once); kills it
 /// after `timeout`.
+#[track_caller]
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> Output {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let mut child = command(&args)
@@ -289,6 +292,7 @@ impl Daemon {
     }
 
     /// Starts a daemon with exactly `args`; panics with its log if it does not get ready.
+    #[track_caller]
     pub fn start_args(args: &[String]) -> Daemon {
         Self::spawn(args, None).unwrap_or_else(|f| {
             panic!(
@@ -383,6 +387,7 @@ impl Daemon {
     }
 
     /// Waits for a log line matching `pred`, returns it.
+    #[track_caller]
     pub fn wait_log(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
         let mut found = None;
         wait_until(timeout, &format!("a log line: {what}"), || {
@@ -393,6 +398,7 @@ impl Daemon {
     }
 
     /// The address of the `[direct]` listener to `target` (from its `listening on` line).
+    #[track_caller]
     pub fn direct_addr(&self, target: &str) -> SocketAddr {
         let want = format!("direct to {target}");
         let mut found = None;
@@ -413,11 +419,13 @@ impl Daemon {
     }
 
     /// A new connection to the command port (greeting not yet read).
+    #[track_caller]
     pub fn connect(&self) -> Client {
         Client::connect(self.addr)
     }
 
     /// A new connection with its greeting read; returns it and its id.
+    #[track_caller]
     pub fn client(&self) -> (Client, String) {
         let mut c = self.connect();
         let id = c.greet();
@@ -425,6 +433,7 @@ impl Daemon {
     }
 
     /// Runs `STAT` on a fresh connection: the header and the rows.
+    #[track_caller]
     pub fn stat(&self) -> Stat {
         let (mut c, id) = self.client();
         c.send(b"STAT\nQUIT\n");
@@ -452,6 +461,7 @@ impl Daemon {
     }
 
     /// Polls STAT until only the asking connection is left.
+    #[track_caller]
     pub fn wait_no_other_connections(&self, timeout: Duration, what: &str) {
         let deadline = Instant::now() + timeout;
         loop {
@@ -469,6 +479,7 @@ impl Daemon {
         }
     }
 
+    #[track_caller]
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on our own child's pid.
         let r = unsafe { libc::kill(self.pid(), sig) };
@@ -476,6 +487,7 @@ impl Daemon {
     }
 
     /// Waits for the daemon to exit; panics after `timeout`.
+    #[track_caller]
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
@@ -578,6 +590,7 @@ pub struct Client {
 }
 
 impl Client {
+    #[track_caller]
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect_timeout(&addr, dur(5_000))
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
@@ -637,6 +650,7 @@ impl Client {
     }
 
     /// The next line (without LF) within `timeout`, or a panic saying what came instead.
+    #[track_caller]
     pub fn line_within(&mut self, timeout: Duration) -> String {
         match self.try_line(Instant::now() + timeout) {
             Ok(l) => l,
@@ -660,17 +674,20 @@ impl Client {
     }
 
     /// The next line within the usual 5 s.
+    #[track_caller]
     pub fn line(&mut self) -> String {
         self.line_within(dur(5_000))
     }
 
     /// Reads one line and checks it is exactly `want`.
+    #[track_caller]
     pub fn expect_line(&mut self, want: &str) {
         let got = self.line();
         assert_eq!(got, want, "reply line");
     }
 
     /// Reads the greeting, checks its form, returns the id.
+    #[track_caller]
     pub fn greet(&mut self) -> String {
         let g = self.line();
         let id = g
@@ -686,6 +703,7 @@ impl Client {
         id.to_string()
     }
 
+    #[track_caller]
     pub fn send(&mut self, data: &[u8]) {
         self.stream
             .write_all(data)
@@ -693,6 +711,7 @@ impl Client {
     }
 
     /// Exactly `n` bytes within `timeout`.
+    #[track_caller]
     pub fn read_n(&mut self, n: usize, timeout: Duration) -> Vec<u8> {
         let deadline = Instant::now() + timeout;
         while self.buf.len() < n {
@@ -709,6 +728,7 @@ impl Client {
     }
 
     /// Everything up to EOF within `timeout`.
+    #[track_caller]
     pub fn read_to_eof(&mut self, timeout: Duration) -> Vec<u8> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -727,6 +747,7 @@ impl Client {
     }
 
     /// Reads to EOF and checks that nothing else arrived.
+    #[track_caller]
     pub fn expect_eof(&mut self, timeout: Duration) {
         let rest = self.read_to_eof(timeout);
         assert!(
@@ -737,6 +758,7 @@ impl Client {
     }
 
     /// Reads one line, checks it, then checks the connection is closed.
+    #[track_caller]
     pub fn expect_line_then_eof(&mut self, want: &str) {
         self.expect_line(want);
         self.expect_eof(dur(5_000));
@@ -752,6 +774,7 @@ impl Client {
         }
     }
 
+    #[track_caller]
     pub fn shutdown_write(&self) {
         self.stream
             .shutdown(Shutdown::Write)
@@ -765,6 +788,7 @@ impl Client {
 }
 
 /// `CONN` then `OK CONN`: returns the pid in the reply. Fails on anything else.
+#[track_caller]
 pub fn conn_ok(c: &mut Client, line: &str) -> String {
     c.send(format!("{line}\n").as_bytes());
     let r = c.line_within(dur(8_000));
@@ -854,6 +878,7 @@ impl Device {
     }
 
     /// The next accepted connection, or a panic after `timeout`.
+    #[track_caller]
     pub fn accept_within(&self, timeout: Duration) -> TcpStream {
         let s = self
             .rx
@@ -867,6 +892,7 @@ impl Device {
         s
     }
 
+    #[track_caller]
     pub fn accept(&self) -> TcpStream {
         self.accept_within(dur(5_000))
     }
@@ -1121,6 +1147,7 @@ impl FakeLuup {
     }
 
     /// Waits until at least `n` requests match `pred`; returns those.
+    #[track_caller]
     pub fn wait_for(
         &self,
         n: usize,
@@ -1146,6 +1173,7 @@ impl FakeLuup {
     }
 
     /// Waits for `n` notifications with `Pid=pid`.
+    #[track_caller]
     pub fn wait_pid(&self, pid: &str, n: usize, timeout: Duration) -> Vec<Request> {
         self.wait_for(n, timeout, &format!("with Pid={pid}"), |r| {
             r.param("Pid").as_deref() == Some(pid)
