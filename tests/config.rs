@@ -127,6 +127,35 @@ fn port_in_use_exits_1_with_a_clear_line() {
         !err.contains("(commands)"),
         "it reported itself ready first:\n{err}"
     );
+
+    // The same for a [direct] listener's port.
+    let s = Scratch::new("busydirect");
+    let cfg = s.file("busy.ini", &format!("[direct]\n{port}=CONN 127.0.0.1:9\n"));
+    let o = run_to_exit(
+        &[
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "0",
+            "-N",
+            "http://127.0.0.1:9",
+            "-c",
+            &cfg,
+        ],
+        dur(10_000),
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "exit code with [direct] port {port} in use; output:\n{}",
+        text(&o)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.contains(&port) || l.to_lowercase().contains("in use")),
+        "no stderr line names port {port} or says 'in use':\n{err}"
+    );
 }
 
 #[test]

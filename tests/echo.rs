@@ -399,6 +399,38 @@ fn rtim_closes_when_the_remote_is_silent() {
 }
 
 #[test]
+fn settings_commands_apply_to_the_next_conn() {
+    // RTIM and BLKS given as commands before a CONN without options.
+    let (_l, d) = daemon();
+    let peer = UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    peer.set_read_timeout(Some(dur(5_000))).expect("timeout");
+    let (mut c, _) = d.client();
+    c.send(b"RTIM 400\nBLKS 3\n");
+    c.expect_line("OK RTIM");
+    c.expect_line("OK BLKS");
+    conn_ok(
+        &mut c,
+        &format!("CONN {} PRTO=udp", peer.local_addr().expect("addr")),
+    );
+    c.send(b"abcdefg");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while got.len() < 7 {
+        let (n, _) = peer.recv_from(&mut buf).expect("datagram");
+        assert!(n <= 3, "a {n}-byte datagram after BLKS 3");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(got, b"abcdefg");
+    let t0 = Instant::now();
+    c.expect_eof(dur(5_000));
+    assert!(
+        t0.elapsed() < dur(3_000),
+        "RTIM 400 closed after {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
 fn rtim_counts_only_the_remotes_silence() {
     let (_l, d) = daemon();
     let dev = Device::listen();

@@ -462,6 +462,35 @@ fn stalled_luup_does_not_delay_data() {
     );
 }
 
+#[test]
+fn a_notification_luup_never_answers_gives_up_after_5s() {
+    // Every request stalls: the first one must time out (5 s) so the one waiting
+    // behind it gets its turn; a dead endpoint must not stop notifications for good.
+    let (luup, d) = setup(LuupMode::Stall);
+    let dev = Device::listen();
+    let (mut c, _) = d.client();
+    conn_ok(
+        &mut c,
+        &format!("CONN {} NTFY=8/urn:x:serviceId:Y1/Act/to", dev.target()),
+    );
+    let mut r = Client::from_stream(dev.accept());
+    r.send(b"1");
+    let first = luup.wait_pid("to", 1, dur(5_000))[0].clone();
+    assert_eq!(c.read_n(1, dur(1_000)), b"1");
+    r.send(b"2");
+    assert_eq!(c.read_n(1, dur(1_000)), b"2");
+    let second = luup.wait_pid("to", 2, dur(10_000))[1].clone();
+    let gap = second.at - first.at;
+    assert!(
+        gap >= Duration::from_millis(4_500),
+        "the stalled notification was given up after only {gap:?}"
+    );
+    assert!(
+        gap <= dur(8_000),
+        "the next notification came {gap:?} after a stalled one, expected ~5 s"
+    );
+}
+
 fn warns_once(mode: LuupMode) {
     let (luup, d) = setup(mode);
     let dev = Device::listen();
