@@ -148,6 +148,41 @@ fn slow_reader_receives_4mib_with_nothing_lost() {
 }
 
 #[test]
+fn slow_remote_receives_4mib_with_nothing_lost() {
+    let (_l, d) = daemon();
+    let dev = Device::listen_small_rcvbuf(4096);
+    let (c, r) = through(&d, &dev, "BLKS=1024");
+    let data = payload(4 * MIB, 10);
+    let (mut w, to_send) = (c.writer(), data.clone());
+    let writer = thread::spawn(move || {
+        let res = w.write_all(&to_send).map_err(|e| e.to_string());
+        let _ = w.shutdown(Shutdown::Write);
+        res
+    });
+    // The remote reads nothing for a while, then slowly (the pacing of a slow
+    // device, not a wait for a result).
+    thread::sleep(Duration::from_millis(500));
+    let mut s = r.stream.try_clone().expect("clone");
+    s.set_read_timeout(Some(dur(10_000))).expect("timeout");
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 8192];
+    let start = Instant::now();
+    loop {
+        let n = s
+            .read(&mut chunk)
+            .unwrap_or_else(|e| panic!("read after {} bytes: {e}", got.len()));
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+        thread::sleep(Duration::from_micros(500));
+        assert!(start.elapsed() < dur(120_000), "slow read took too long");
+    }
+    writer.join().expect("writer thread").expect("client write");
+    check_same("bytes at the slow remote", &got, &data);
+}
+
+#[test]
 fn pipelined_commands_then_conn_then_data_in_one_write() {
     let (luup, d) = daemon();
     let dev = Device::listen();

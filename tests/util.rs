@@ -851,7 +851,37 @@ impl Device {
     }
 
     pub fn listen_on(addr: impl ToSocketAddrs) -> Device {
-        let l = TcpListener::bind(addr).expect("device bind");
+        Self::from_listener(TcpListener::bind(addr).expect("device bind"))
+    }
+
+    /// A device whose connections have a small receive buffer (set on the listening
+    /// socket, so accepted ones inherit it from the start): a slow reader whose
+    /// kernel cannot hide the slowness.
+    pub fn listen_small_rcvbuf(rcvbuf: i32) -> Device {
+        // SAFETY: plain socket calls on a fd we own; it is handed to TcpListener.
+        let l = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+            let r = libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&rcvbuf as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
+            assert_eq!(r, 0, "SO_RCVBUF: {}", io::Error::last_os_error());
+            let sa = sockaddr_in(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let r = libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), len);
+            assert_eq!(r, 0, "bind: {}", io::Error::last_os_error());
+            let r = libc::listen(fd, 16);
+            assert_eq!(r, 0, "listen: {}", io::Error::last_os_error());
+            TcpListener::from_raw_fd(fd)
+        };
+        Self::from_listener(l)
+    }
+
+    fn from_listener(l: TcpListener) -> Device {
         let addr = l.local_addr().expect("local_addr");
         let (tx, rx) = channel();
         let accepted = Arc::new(AtomicUsize::new(0));
