@@ -21,5 +21,7 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
+# Measurements, not pass/fail tests: notification latency, idle wake-ups, RSS.
 bench:
-	@echo "bench: no benchmarks yet (a later issue adds them)"
+	$(CARGO) build --release
+	python3 benches/core_metrics.py --bin target/release/sockproxyd
