@@ -7,6 +7,7 @@ mod util;
 mod commands;
 mod config;
 mod echo;
+mod init_script;
 mod lifecycle;
 mod lua;
 mod notify;
