@@ -25,3 +25,52 @@ lint:
 bench:
 	$(CARGO) build --release
 	python3 benches/core_metrics.py --bin target/release/sockproxyd
+
+# --- Installing on an openLuup host (README.md "Installing"), cleaning, script checks ---
+# `make build` as yourself, then `sudo make install`: install does not build.
+PREFIX ?= /usr/local
+DESTDIR ?=
+BIN ?= $(or $(CARGO_TARGET_DIR),target)/release/sockproxyd
+
+.PHONY: install uninstall clean check-scripts
+
+# The init script's default DAEMON follows PREFIX; an existing /etc/sockproxyd.conf is kept.
+install:
+	@test -x $(BIN) || { echo "install: no $(BIN): run 'make build' first"; exit 1; }
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)/etc/init.d
+	install -m 755 $(BIN) $(DESTDIR)$(PREFIX)/bin/sockproxyd
+	sed 's|/usr/local/bin/|$(PREFIX)/bin/|g' init-script.sh > $(DESTDIR)/etc/init.d/sockproxyd
+	chmod 755 $(DESTDIR)/etc/init.d/sockproxyd
+	@if [ -e $(DESTDIR)/etc/sockproxyd.conf ]; then \
+		echo "keeping $(DESTDIR)/etc/sockproxyd.conf"; \
+	else \
+		echo "install -m 644 openwrt/files/sockproxyd.conf.sample $(DESTDIR)/etc/sockproxyd.conf"; \
+		install -m 644 openwrt/files/sockproxyd.conf.sample $(DESTDIR)/etc/sockproxyd.conf; \
+	fi
+
+# Stop it and `update-rc.d sockproxyd remove` first. The configuration stays.
+uninstall:
+	rm -f $(DESTDIR)$(PREFIX)/bin/sockproxyd $(DESTDIR)/etc/init.d/sockproxyd
+	@echo "kept $(DESTDIR)/etc/sockproxyd.conf (and /etc/default/sockproxyd, if any)"
+
+clean:
+	$(CARGO) clean
+	rm -rf dist
+
+# Every shell script in the tree, found by its #! line: a syntax check with its own
+# shell, then shellcheck in that dialect if installed (apt-get install shellcheck).
+check-scripts:
+	@command -v shellcheck >/dev/null || \
+		echo "check-scripts: shellcheck is not installed (apt-get install shellcheck): syntax only"
+	@n=0; bad=; \
+	for f in $$(find . -path ./.git -prune -o -path ./target -prune -o -path ./dist -prune \
+			-o -type f -print | sort); do \
+		set -- $$(sed -n '1s/^#!//p' "$$f"); \
+		[ "$${1##*/}" = env ] && shift; \
+		case "$${1##*/}" in sh | ash | dash) sh=sh ;; bash) sh=bash ;; *) continue ;; esac; \
+		n=$$((n + 1)); echo "$$sh -n $$f"; \
+		$$sh -n "$$f" || { bad="$$bad $$f"; continue; }; \
+		if command -v shellcheck >/dev/null; then shellcheck -s $$sh "$$f" || bad="$$bad $$f"; fi; \
+	done; \
+	if [ -n "$$bad" ]; then echo "check-scripts: failed:$$bad"; exit 1; fi; \
+	echo "check-scripts: $$n scripts ok"
