@@ -21,10 +21,24 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# Measurements, not pass/fail tests: notification latency, idle wake-ups, RSS.
+# Measurements, not pass/fail tests (benches/bench.rs; README.md "Performance"): loopback
+# only, table on stdout, JSON in target/bench/latest.json. `make bench QUICK=1` takes under
+# a minute. socat and haproxy are the reference relays: installed here when missing (as
+# root), else their rows are skipped with the reason.
+QUICK ?=
 bench:
+	@if ! command -v socat >/dev/null || ! command -v haproxy >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			export DEBIAN_FRONTEND=noninteractive; \
+			apt-get install -y --no-install-recommends socat haproxy || \
+			{ apt-get update && apt-get install -y --no-install-recommends socat haproxy; } || \
+			echo "bench: could not install socat/haproxy: their rows will be skipped"; \
+		else \
+			echo "bench: socat/haproxy missing and not root: their rows will be skipped"; \
+		fi; \
+	fi
 	$(CARGO) build --release
-	python3 benches/core_metrics.py --bin target/release/sockproxyd
+	$(CARGO) bench --bench bench -- $(if $(QUICK),--quick)
 
 # --- Installing on an openLuup host (README.md "Installing"), cleaning, script checks ---
 # `make build` as yourself, then `sudo make install`: install does not build.
