@@ -40,6 +40,38 @@ bench:
 	$(CARGO) build --release
 	$(CARGO) bench --bench bench -- $(if $(QUICK),--quick)
 
+# --- Cross builds for the router and openLuup hosts (cross/README.md) ---
+# `make cross` builds all four static binaries into dist/; `make test-mipsel` runs the
+# whole integration suite against the mipsel binary under qemu-user (likewise armv7,
+# aarch64). The binaries are rebuilt when the sources change.
+DIST ?= dist
+CROSS_TARGETS = mipsel-unknown-linux-musl armv7-unknown-linux-musleabihf \
+	aarch64-unknown-linux-musl x86_64-unknown-linux-musl
+SOURCES = $(wildcard src/*.rs) Cargo.toml Cargo.lock cross/build.sh
+
+.PHONY: cross test-mipsel test-armv7 test-aarch64
+
+cross: $(foreach t,$(CROSS_TARGETS),$(DIST)/sockproxyd-$(t))
+
+$(DIST)/sockproxyd-%: $(SOURCES)
+	sh cross/build.sh $*
+
+# $(call emulated-test,target,qemu binary)
+define emulated-test
+	@command -v $(2) >/dev/null || { echo "$@: $(2) not found: apt-get install qemu-user-static"; exit 1; }
+	SOCKPROXYD_BIN=$(CURDIR)/$(DIST)/sockproxyd-$(1) SOCKPROXYD_RUNNER=$(2) \
+		$(CARGO) test --test tests -- --test-threads=$(TEST_THREADS)
+endef
+
+test-mipsel: $(DIST)/sockproxyd-mipsel-unknown-linux-musl
+	$(call emulated-test,mipsel-unknown-linux-musl,qemu-mipsel-static)
+
+test-armv7: $(DIST)/sockproxyd-armv7-unknown-linux-musleabihf
+	$(call emulated-test,armv7-unknown-linux-musleabihf,qemu-arm-static)
+
+test-aarch64: $(DIST)/sockproxyd-aarch64-unknown-linux-musl
+	$(call emulated-test,aarch64-unknown-linux-musl,qemu-aarch64-static)
+
 # --- Installing on an openLuup host (README.md "Installing"), cleaning, script checks ---
 # `make build` as yourself, then `sudo make install`: install does not build.
 PREFIX ?= /usr/local
