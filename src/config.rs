@@ -10,11 +10,16 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
+use crate::acl::AddrList;
 use crate::ini;
-use crate::protocol::{self, ConnRequest};
+use crate::protocol::{self, ConnRequest, Limits, Settings};
 
 pub const DEFAULT_PORT: u16 = 2504;
 pub const DEFAULT_VERA: &str = "http://127.0.0.1:3480";
+pub const DEFAULT_MAX_CONNS: usize = 512;
+/// Upper bounds of the limits themselves: beyond these a value is a typo.
+const MAX_MAX_BLKS: usize = 64 << 20;
+const MAX_MAX_LINE: usize = 1 << 20;
 
 pub const USAGE: &str = "\
 usage: sockproxyd [-c file] [-a addr] [-p port] [-L logfile] [-N url] [-D]
@@ -44,6 +49,16 @@ pub struct Config {
     pub log: Option<PathBuf>,
     pub debug: bool,
     pub direct: Vec<Direct>,
+    /// Most simultaneous client connections (`[host] max_conns=`).
+    pub max_conns: usize,
+    /// `[host] max_line=`, `max_blks=`.
+    pub limits: Limits,
+    /// Clients allowed on every listener; `None`: everyone.
+    pub allow: Option<AddrList>,
+    /// Clients whose `STOP` is obeyed.
+    pub stop_from: AddrList,
+    /// Where CONN and `[direct]` may connect; `None`: anywhere.
+    pub connect_to: Option<AddrList>,
     /// Things worth a warning in the log, once it is open.
     pub warnings: Vec<String>,
 }
@@ -57,6 +72,11 @@ impl Default for Config {
             log: None,
             debug: false,
             direct: Vec::new(),
+            max_conns: DEFAULT_MAX_CONNS,
+            limits: Limits::default(),
+            allow: None,
+            stop_from: AddrList::loopback(),
+            connect_to: None,
             warnings: Vec::new(),
         }
     }
@@ -64,7 +84,7 @@ impl Default for Config {
 
 #[derive(Debug)]
 pub enum Parsed {
-    Run(Config),
+    Run(Box<Config>),
     Help,
     Version,
 }
@@ -146,7 +166,27 @@ where
             _ => return Err(arg.unexpected().into()),
         }
     }
-    Ok(Parsed::Run(config))
+    check_direct_blks(&config)?;
+    Ok(Parsed::Run(Box::new(config)))
+}
+
+/// `[direct]` entries are parsed before the file may have set `max_blks`.
+fn check_direct_blks(config: &Config) -> Result<(), ConfigError> {
+    for d in &config.direct {
+        let blks = d.request.settings(&Settings::default()).blks;
+        if blks > config.limits.max_blks {
+            return Err(ConfigError::File(format!(
+                "config: [direct] {}: BLKS={blks} is over max_blks={}",
+                d.port, config.limits.max_blks
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A positive number no larger than `max`.
+fn parse_limit(v: Option<&str>, max: usize) -> Option<usize> {
+    v?.parse::<usize>().ok().filter(|&n| n > 0 && n <= max)
 }
 
 /// `*` or an IP address literal.
@@ -182,9 +222,12 @@ pub fn apply_file(config: &mut Config, name: &str, text: &str) -> Result<(), Con
         let value = e.value.as_deref();
         let bad = |what: &str| {
             ConfigError::File(format!(
-                "config {name}: line {line}: bad {what} {:?}",
+                "config {name}: line {line}: bad {what} \"{}\"",
                 value.unwrap_or("")
             ))
+        };
+        let bad_list = |key: &str, why: &str| {
+            ConfigError::File(format!("config {name}: line {line}: {key}: {why}"))
         };
         match (e.section.as_str(), e.key.as_str()) {
             ("host", "ip") => config.ip = value.and_then(parse_ip).ok_or_else(|| bad("ip"))?,
@@ -203,6 +246,30 @@ pub fn apply_file(config: &mut Config, name: &str, text: &str) -> Result<(), Con
                 };
             }
             ("host", "debug") => config.debug = is_true(value).ok_or_else(|| bad("debug"))?,
+            ("host", "max_conns") => {
+                config.max_conns = parse_limit(value, 1 << 20).ok_or_else(|| bad("max_conns"))?;
+            }
+            ("host", "max_line") => {
+                config.limits.max_line =
+                    parse_limit(value, MAX_MAX_LINE).ok_or_else(|| bad("max_line"))?;
+            }
+            ("host", "max_blks") => {
+                config.limits.max_blks =
+                    parse_limit(value, MAX_MAX_BLKS).ok_or_else(|| bad("max_blks"))?;
+            }
+            ("host", "allow") => {
+                config.allow = list(value, false).map_err(|why| bad_list("allow", &why))?;
+            }
+            ("host", "connect_to") => {
+                config.connect_to =
+                    list(value, true).map_err(|why| bad_list("connect_to", &why))?;
+            }
+            ("host", "stop_from") => {
+                // Empty: nobody may STOP the daemon over the network.
+                config.stop_from = list(value, false)
+                    .map_err(|why| bad_list("stop_from", &why))?
+                    .unwrap_or_default();
+            }
             ("direct", port) => {
                 let port: u16 = port
                     .parse()
@@ -225,6 +292,12 @@ pub fn apply_file(config: &mut Config, name: &str, text: &str) -> Result<(), Con
     Ok(())
 }
 
+/// An address list; `None` when empty.
+fn list(value: Option<&str>, ports: bool) -> Result<Option<AddrList>, String> {
+    let list = AddrList::parse(value.unwrap_or(""), ports)?;
+    Ok((!list.to_string().is_empty()).then_some(list))
+}
+
 /// The value of a `[direct]` entry: `host:port [options]`, with or without
 /// a leading `CONN` (the seed's example has one).
 fn parse_direct(value: &str) -> Result<ConnRequest, String> {
@@ -233,7 +306,12 @@ fn parse_direct(value: &str) -> Result<ConnRequest, String> {
         Some((&"CONN", rest)) => rest,
         _ => &words[..],
     };
-    protocol::parse_conn(words)
+    // BLKS is checked against max_blks once the whole command line is read.
+    let limits = Limits {
+        max_blks: MAX_MAX_BLKS,
+        ..Limits::default()
+    };
+    protocol::parse_conn(words, &limits)
         .map_err(|e| e.to_string().trim_start_matches("ERR CONN ").to_string())
 }
 
@@ -244,7 +322,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<Config, ConfigError> {
         match parse_args(args.iter().copied())? {
-            Parsed::Run(c) => Ok(c),
+            Parsed::Run(c) => Ok(*c),
             other => panic!("expected Run, got {other:?}"),
         }
     }
@@ -337,5 +415,49 @@ mod tests {
             "config f: line 2: [direct] 9001: Invalid option BOGUS=1"
         );
         assert!(apply_file(&mut c, "f", "[direct]\nx=h:1\n").is_err());
+    }
+
+    #[test]
+    fn limits_and_lists() {
+        let mut c = Config::default();
+        apply_file(
+            &mut c,
+            "f",
+            "[host]\nmax_conns=10\nmax_line=100\nmax_blks=4096\nallow=127.0.0.1/32, 192.168.0.0/16\n\
+             stop_from=\nconnect_to=10.0.0.0/8 [::1]:80\n",
+        )
+        .expect("ok");
+        assert_eq!(
+            (c.max_conns, c.limits.max_line, c.limits.max_blks),
+            (10, 100, 4096)
+        );
+        assert_eq!(
+            c.allow.as_ref().map(|l| l.to_string()),
+            Some("127.0.0.1/32 192.168.0.0/16".into())
+        );
+        assert!(!c.stop_from.contains("127.0.0.1".parse().expect("ip"), None));
+        let to = c.connect_to.as_ref().expect("connect_to");
+        assert!(to.contains("::1".parse().expect("ip"), Some(80)));
+        assert!(!to.contains("::1".parse().expect("ip"), Some(81)));
+        for bad in [
+            "max_conns=0",
+            "max_line=x",
+            "max_blks=0",
+            "allow=10.0.0.0/40",
+            "stop_from=1.2.3.4:5",
+        ] {
+            let mut c = Config::default();
+            let e = apply_file(&mut c, "f", &format!("[host]\n{bad}\n")).expect_err(bad);
+            assert!(e.to_string().starts_with("config f: line 2: "), "{e}");
+        }
+        let f = temp_file(
+            "blks.ini",
+            "[direct]\n9000=h:1 BLKS=8192\n[host]\nmax_blks=4096\n",
+        );
+        let e = run(&["-c", f.to_str().expect("utf-8")]).expect_err("over max_blks");
+        assert!(
+            e.to_string().contains("BLKS=8192 is over max_blks=4096"),
+            "{e}"
+        );
     }
 }

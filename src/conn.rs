@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crate::buffer::Buffer;
 use crate::notify::Job;
-use crate::protocol::{self, CmdError, Command, ConnRequest, Line, Settings, Transport};
+use crate::protocol::{self, CmdError, Command, ConnRequest, Limits, Line, Settings, Transport};
 use crate::stat::Row;
 
 /// PROTOCOL.md "Command mode": no completed command for 30 s closes; after
@@ -41,8 +41,6 @@ pub const LINGER: Duration = Duration::from_secs(5);
 /// Replies queued beyond this stop the reading of further commands, so a
 /// client pipelining STATs without reading cannot grow `out` without end.
 const OUT_HIGH_WATER: usize = 64 * 1024;
-/// The command input buffer: a longest line, its CR and its LF.
-const COMMAND_BUF: usize = protocol::MAX_LINE + 2;
 
 pub enum State {
     /// Reading command lines; the greeting and replies wait in `out`.
@@ -69,7 +67,7 @@ pub enum Step {
     Stat,
     /// The connection is now `Draining`.
     Close,
-    /// `STOP`: the reply is queued; shut the daemon down.
+    /// `STOP`: the loop decides whether this client may (`stop`).
     Stop,
 }
 
@@ -99,6 +97,7 @@ pub struct Conn {
     /// remote last sent (STAT "idle", RTIM).
     pub last_active: Instant,
     stat_asked: bool,
+    limits: Limits,
     /// Bytes received from / sent to the remote.
     pub recv: u64,
     pub xmit: u64,
@@ -109,18 +108,13 @@ pub struct Conn {
 
 impl Conn {
     /// A connection on the command port: the greeting is queued.
-    pub fn command(id: String, client: SocketAddr, now: Instant) -> Conn {
+    pub fn command(id: String, client: SocketAddr, limits: Limits, now: Instant) -> Conn {
         let out = protocol::greeting(&id).into_bytes();
-        Conn::new(
-            id,
-            client,
-            false,
-            State::Command {
-                input: Buffer::new(COMMAND_BUF),
-            },
-            out,
-            now,
-        )
+        // Room for a longest line, its CR and its LF.
+        let input = Buffer::new(limits.max_line.saturating_add(2));
+        let mut conn = Conn::new(id, client, false, State::Command { input }, out, now);
+        conn.limits = limits;
+        conn
     }
 
     /// A connection on a `[direct]` listener: connecting at once, no
@@ -162,6 +156,7 @@ impl Conn {
             started: now,
             last_active: now,
             stat_asked: false,
+            limits: Limits::default(),
             recv: 0,
             xmit: 0,
             notify: None,
@@ -190,10 +185,10 @@ impl Conn {
             let State::Command { input } = &mut self.state else {
                 return Step::Wait;
             };
-            let (parsed, used) = match protocol::next_line(input.data()) {
+            let (parsed, used) = match protocol::next_line(input.data(), self.limits.max_line) {
                 Line::Incomplete => return Step::Wait,
                 Line::TooLong => (Err(CmdError::TooLong), input.len()),
-                Line::Complete(line, used) => (protocol::parse_command(line), used),
+                Line::Complete(line, used) => (protocol::parse_command(line, &self.limits), used),
             };
             input.consume(used);
             let cmd = match parsed {
@@ -236,12 +231,20 @@ impl Conn {
                     self.drain(now);
                     return Step::Close;
                 }
-                Command::Stop => {
-                    self.reply("OK STOP\n");
-                    self.drain(now);
-                    return Step::Stop;
-                }
+                Command::Stop => return Step::Stop,
             }
+        }
+    }
+
+    /// Answers `STOP`: `OK STOP` if this client may stop the daemon
+    /// (`[host] stop_from=`), else `ERR STOP Not allowed`; either way the
+    /// connection then drains and closes.
+    pub fn stop(&mut self, allowed: bool, now: Instant) {
+        if allowed {
+            self.reply("OK STOP\n");
+            self.drain(now);
+        } else {
+            self.fail("ERR STOP Not allowed", now);
         }
     }
 
@@ -450,7 +453,8 @@ mod tests {
     use super::*;
 
     fn conn(now: Instant) -> Conn {
-        Conn::command("abc".into(), SocketAddr::from(([127, 0, 0, 1], 5000)), now)
+        let client = SocketAddr::from(([127, 0, 0, 1], 5000));
+        Conn::command("abc".into(), client, Limits::default(), now)
     }
 
     fn feed(c: &mut Conn, bytes: &[u8]) {
@@ -511,6 +515,17 @@ mod tests {
         let mut c = conn(now);
         take_out(&mut c);
         feed(&mut c, &[b'A'; protocol::MAX_LINE + 2]);
+        assert!(matches!(c.next_step(now), Step::Close));
+        assert_eq!(take_out(&mut c), "ERR LINE Too long\n");
+        let limits = Limits {
+            max_line: 8,
+            ..Limits::default()
+        };
+        let mut c = Conn::command("abc".into(), c.client, limits, now);
+        take_out(&mut c);
+        feed(&mut c, b"STAT\n");
+        assert!(matches!(c.next_step(now), Step::Stat));
+        feed(&mut c, b"BLKS 12345");
         assert!(matches!(c.next_step(now), Step::Close));
         assert_eq!(take_out(&mut c), "ERR LINE Too long\n");
     }

@@ -25,12 +25,13 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use slab::Slab;
 
+use crate::acl::AddrList;
 use crate::buffer::Buffer;
 use crate::config::Config;
 use crate::conn::{Conn, NotifyAt, State, Step};
 use crate::logging::LogFile;
 use crate::notify::Notifier;
-use crate::protocol::{ConnRequest, Host};
+use crate::protocol::{ConnRequest, Host, Limits};
 use crate::resolve::{self, Resolver};
 use crate::stat;
 use crate::timer::{Kind, Timers};
@@ -228,9 +229,19 @@ enum Verdict {
     Close(String),
 }
 
+/// Who may do what, and how much (`[host]` limits and address lists).
+struct Policy {
+    limits: Limits,
+    max_conns: usize,
+    allow: Option<AddrList>,
+    stop_from: AddrList,
+    connect_to: Option<AddrList>,
+}
+
 /// Everything the sessions need besides each other.
 struct Ctx {
     registry: Registry,
+    policy: Policy,
     timers: Timers,
     notifier: Notifier,
     resolver: Resolver,
@@ -257,6 +268,10 @@ pub struct EventLoop {
     log: Option<LogFile>,
     next_id: u64,
     stopping: Option<String>,
+    /// An accept failed (out of descriptors): logged once until one succeeds.
+    accept_failing: bool,
+    /// At max_conns: logged once until a connection is let in again.
+    at_capacity: bool,
 }
 
 /// Serves until STOP or a signal; `Err` only if the poll itself fails.
@@ -296,6 +311,13 @@ pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io
         listeners,
         ctx: Ctx {
             registry,
+            policy: Policy {
+                limits: config.limits,
+                max_conns: config.max_conns,
+                allow: config.allow,
+                stop_from: config.stop_from,
+                connect_to: config.connect_to,
+            },
             timers: Timers::default(),
             notifier,
             resolver,
@@ -307,6 +329,8 @@ pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io
         log,
         next_id: seed,
         stopping: None,
+        accept_failing: false,
+        at_capacity: false,
     };
     let result = lp.serve();
     lp.shutdown();
@@ -398,15 +422,47 @@ impl EventLoop {
                 }
                 Err(e) => {
                     // Out of descriptors or memory: the pending connects
-                    // stay queued; try again shortly rather than spin.
-                    warn!(
-                        "accept failed: {}; retrying in {ACCEPT_RETRY:?}",
-                        reason(&e)
-                    );
+                    // stay queued; try again shortly rather than spin, and
+                    // say so once per episode.
+                    if !self.accept_failing {
+                        warn!("accept failed: {}; retrying every 100 ms", reason(&e));
+                        self.accept_failing = true;
+                    }
                     self.ctx.timers.arm(now + ACCEPT_RETRY, index, Kind::Accept);
                     return;
                 }
             };
+            if self.accept_failing {
+                info!("accepting again");
+                self.accept_failing = false;
+            }
+            let policy = &self.ctx.policy;
+            if let Some(allow) = &policy.allow
+                && !allow.contains(addr.ip(), None)
+            {
+                info!("refused connection from {addr}: not in allow={allow}");
+                continue;
+            }
+            if self.sessions.len() >= policy.max_conns {
+                if !self.at_capacity {
+                    warn!(
+                        "{} connections, the most allowed (max_conns): refusing new ones",
+                        policy.max_conns
+                    );
+                    self.at_capacity = true;
+                }
+                debug!("refused connection from {addr}: busy");
+                if listener.direct.is_none() {
+                    // Where the greeting would go; the socket is new and
+                    // empty, so this small write does not block.
+                    let _ = (&stream).write(b"ERR BUSY Too many connections\n");
+                }
+                continue;
+            }
+            if self.at_capacity {
+                info!("below max_conns again: accepting");
+                self.at_capacity = false;
+            }
             let direct = listener.direct.clone();
             let _ = stream.set_nodelay(true);
             let id = self.new_id(direct.is_some());
@@ -423,7 +479,7 @@ impl EventLoop {
                 }
             };
             let conn = match &direct {
-                None => Conn::command(id, addr, now),
+                None => Conn::command(id, addr, self.ctx.policy.limits, now),
                 Some(req) => Conn::direct(id, addr, req, now),
             };
             debug!("{}: accepted from {addr}", conn.id);
@@ -650,8 +706,16 @@ fn advance(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) -> io::Resu
                     Step::Wait | Step::Close => {}
                     Step::Stat => return Ok(Verdict::Stat),
                     Step::Stop => {
+                        let allowed = ctx.policy.stop_from.contains(s.conn.client.ip(), None);
+                        s.conn.stop(allowed, now);
                         write_out(s)?;
-                        return Ok(Verdict::Stop);
+                        if allowed {
+                            return Ok(Verdict::Stop);
+                        }
+                        warn!(
+                            "{}: refused STOP from {}: not in stop_from={}",
+                            s.conn.id, s.conn.client, ctx.policy.stop_from
+                        );
                     }
                     Step::Connect(req) => {
                         if s.client.eof && s.conn.nothing_early() {
@@ -740,6 +804,19 @@ fn start_connect(s: &mut Session, ctx: &mut Ctx, key: usize, req: &ConnRequest, 
 fn connect_next(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) {
     let mut last_err = None;
     while let Some(addr) = s.addrs.pop() {
+        if let Some(allowed) = &ctx.policy.connect_to
+            && !allowed.contains(addr.ip(), Some(addr.port()))
+        {
+            info!(
+                "{}: refused CONN from {} to {addr}: not in connect_to={allowed}",
+                s.conn.id, s.conn.client
+            );
+            last_err = Some(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "Destination not allowed",
+            ));
+            continue;
+        }
         let token = remote_token(key);
         let result = if s.conn.is_udp() {
             let any = match addr {

@@ -4,22 +4,11 @@
 //! `main` only orders the start: configuration, logging, binding, then the
 //! event loop; every failure on the way becomes one line and an exit code.
 
-mod buffer;
-mod config;
-mod conn;
-mod event_loop;
-mod ini;
-mod logging;
-mod notify;
-mod protocol;
-mod resolve;
-mod stat;
-mod timer;
-
 use std::process::ExitCode;
 
-use config::{ConfigError, Parsed};
 use log::{error, warn};
+use sockproxyd::config::{self, ConfigError, Parsed};
+use sockproxyd::{event_loop, logging, protocol};
 
 fn main() -> ExitCode {
     ExitCode::from(run())
@@ -27,7 +16,7 @@ fn main() -> ExitCode {
 
 fn run() -> u8 {
     let config = match config::parse_args(std::env::args_os().skip(1)) {
-        Ok(Parsed::Run(config)) => config,
+        Ok(Parsed::Run(config)) => *config,
         Ok(Parsed::Help) => {
             println!("{}", config::USAGE);
             return 0;

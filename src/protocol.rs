@@ -9,11 +9,27 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::Duration;
 
-/// Longest command line accepted, CR and LF not counted.
+/// Longest command line accepted by default, CR and LF not counted.
 pub const MAX_LINE: usize = 4096;
-/// Default and limits of the per-direction buffer (`BLKS`).
+/// Default and default limit of the per-direction buffer (`BLKS`).
 pub const DEFAULT_BLKS: usize = 2048;
 pub const MAX_BLKS: usize = 1 << 20;
+
+/// The limits a user may change (`[host] max_line=`, `max_blks=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_line: usize,
+    pub max_blks: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_line: MAX_LINE,
+            max_blks: MAX_BLKS,
+        }
+    }
+}
 /// Longest PACE accepted: a day. Longer is surely a typo.
 const MAX_PACE_SECS: f64 = 86_400.0;
 
@@ -55,20 +71,21 @@ pub enum Line<'a> {
 }
 
 /// Finds the first LF-terminated line in `buf`; a CR before the LF is
-/// stripped (PROTOCOL.md: tolerated everywhere).
-pub fn next_line(buf: &[u8]) -> Line<'_> {
+/// stripped (PROTOCOL.md: tolerated everywhere). Lines longer than
+/// `max_line` are `TooLong`.
+pub fn next_line(buf: &[u8], max_line: usize) -> Line<'_> {
     match buf.iter().position(|&b| b == b'\n') {
         Some(lf) => {
             let line = buf.get(..lf).unwrap_or_default();
             let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if line.len() > MAX_LINE {
+            if line.len() > max_line {
                 Line::TooLong
             } else {
                 Line::Complete(line, lf + 1)
             }
         }
-        // MAX_LINE bytes and a CR may still be waiting for their LF.
-        None if buf.len() > MAX_LINE + 1 => Line::TooLong,
+        // max_line bytes and a CR may still be waiting for their LF.
+        None if buf.len() > max_line.saturating_add(1) => Line::TooLong,
         None => Line::Incomplete,
     }
 }
@@ -236,7 +253,7 @@ fn is_blank(c: char) -> bool {
 }
 
 /// Parses one line (without its LF/CR) of command mode.
-pub fn parse_command(line: &[u8]) -> Result<Command, CmdError> {
+pub fn parse_command(line: &[u8], limits: &Limits) -> Result<Command, CmdError> {
     // Commands are ASCII; anything else in a line is a bad command, except
     // inside NTFY/CONN values where lossy text is still usable for logs.
     let text = String::from_utf8_lossy(line);
@@ -247,11 +264,11 @@ pub fn parse_command(line: &[u8]) -> Result<Command, CmdError> {
     match word {
         "CONN" => {
             let rest: Vec<&str> = words.collect();
-            parse_conn(&rest).map(Command::Conn)
+            parse_conn(&rest, limits).map(Command::Conn)
         }
         "NTFY" => Ok(Command::Ntfy(NotifyTarget::from_parts(words))),
         "BLKS" => single(words)
-            .and_then(parse_blks)
+            .and_then(|w| parse_blks(w, limits.max_blks))
             .map(Command::Blks)
             .ok_or(CmdError::Blks),
         "RTIM" => single(words)
@@ -286,9 +303,9 @@ fn parse_uint(s: &str) -> Option<u64> {
     s.parse().ok()
 }
 
-fn parse_blks(s: &str) -> Option<usize> {
+fn parse_blks(s: &str, max: usize) -> Option<usize> {
     let n = usize::try_from(parse_uint(s)?).ok()?;
-    (1..=MAX_BLKS).contains(&n).then_some(n)
+    (1..=max).contains(&n).then_some(n)
 }
 
 fn parse_rtim(s: &str) -> Option<Option<Duration>> {
@@ -312,7 +329,7 @@ fn parse_pace(s: &str) -> Option<Duration> {
 
 /// `host:port` then options: `words` are what follows `CONN`. Also used for
 /// the values of `[direct]` entries.
-pub fn parse_conn(words: &[&str]) -> Result<ConnRequest, CmdError> {
+pub fn parse_conn(words: &[&str], limits: &Limits) -> Result<ConnRequest, CmdError> {
     let (target, opts) = words
         .split_first()
         .ok_or_else(|| CmdError::Conn("Missing host:port".into()))?;
@@ -320,7 +337,10 @@ pub fn parse_conn(words: &[&str]) -> Result<ConnRequest, CmdError> {
         .ok_or_else(|| CmdError::Conn(format!("Invalid host:port {target}")))?;
     let options = opts
         .iter()
-        .map(|o| parse_conn_option(o).ok_or_else(|| CmdError::Conn(format!("Invalid option {o}"))))
+        .map(|o| {
+            parse_conn_option(o, limits)
+                .ok_or_else(|| CmdError::Conn(format!("Invalid option {o}")))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ConnRequest {
         host,
@@ -330,11 +350,11 @@ pub fn parse_conn(words: &[&str]) -> Result<ConnRequest, CmdError> {
     })
 }
 
-fn parse_conn_option(opt: &str) -> Option<ConnOption> {
+fn parse_conn_option(opt: &str, limits: &Limits) -> Option<ConnOption> {
     let (key, value) = opt.split_once('=')?;
     match key.to_ascii_uppercase().as_str() {
         "RTIM" => parse_rtim(value).map(ConnOption::Rtim),
-        "BLKS" => parse_blks(value).map(ConnOption::Blks),
+        "BLKS" => parse_blks(value, limits.max_blks).map(ConnOption::Blks),
         "PACE" => parse_pace(value).map(ConnOption::Pace),
         "NTFY" => Some(ConnOption::Ntfy(NotifyTarget::from_parts(
             value.splitn(4, '/'),
@@ -381,68 +401,118 @@ mod tests {
 
     #[test]
     fn framing() {
-        assert_eq!(next_line(b"STAT\nQUIT\n"), Line::Complete(b"STAT", 5));
-        assert_eq!(next_line(b"STAT\r\n"), Line::Complete(b"STAT", 6));
-        assert_eq!(next_line(b"STA"), Line::Incomplete);
+        assert_eq!(
+            next_line(b"STAT\nQUIT\n", MAX_LINE),
+            Line::Complete(b"STAT", 5)
+        );
+        assert_eq!(next_line(b"STAT\r\n", MAX_LINE), Line::Complete(b"STAT", 6));
+        assert_eq!(next_line(b"STA", MAX_LINE), Line::Incomplete);
         let mut long = vec![b'x'; MAX_LINE];
-        assert_eq!(next_line(&long), Line::Incomplete);
+        assert_eq!(next_line(&long, MAX_LINE), Line::Incomplete);
         long.push(b'\r');
-        assert_eq!(next_line(&long), Line::Incomplete);
+        assert_eq!(next_line(&long, MAX_LINE), Line::Incomplete);
         long.push(b'\n');
         assert_eq!(
-            next_line(&long),
+            next_line(&long, MAX_LINE),
             Line::Complete(&long[..MAX_LINE], MAX_LINE + 2)
         );
         let too = vec![b'x'; MAX_LINE + 2];
-        assert_eq!(next_line(&too), Line::TooLong);
+        assert_eq!(next_line(&too, MAX_LINE), Line::TooLong);
         let mut too = vec![b'x'; MAX_LINE + 1];
         too.push(b'\n');
-        assert_eq!(next_line(&too), Line::TooLong);
+        assert_eq!(next_line(&too, MAX_LINE), Line::TooLong);
     }
 
     #[test]
     fn simple_commands() {
-        assert_eq!(parse_command(b""), Ok(Command::Blank));
-        assert_eq!(parse_command(b"   \t "), Ok(Command::Blank));
-        assert_eq!(parse_command(b"STAT"), Ok(Command::Stat));
-        assert_eq!(parse_command(b"  QUIT"), Ok(Command::Quit));
-        assert_eq!(parse_command(b"stat"), Err(CmdError::Invalid));
-        assert_eq!(parse_command(b"FOO"), Err(CmdError::Invalid));
-        assert_eq!(parse_command(b"BLKS 512"), Ok(Command::Blks(512)));
-        assert_eq!(parse_command(b"BLKS 0"), Err(CmdError::Blks));
-        assert_eq!(parse_command(b"BLKS 1048577"), Err(CmdError::Blks));
-        assert_eq!(parse_command(b"BLKS"), Err(CmdError::Blks));
-        assert_eq!(parse_command(b"BLKS -1"), Err(CmdError::Blks));
-        assert_eq!(parse_command(b"RTIM 0"), Ok(Command::Rtim(None)));
+        assert_eq!(parse_command(b"", &Limits::default()), Ok(Command::Blank));
         assert_eq!(
-            parse_command(b"RTIM 250"),
+            parse_command(b"   \t ", &Limits::default()),
+            Ok(Command::Blank)
+        );
+        assert_eq!(
+            parse_command(b"STAT", &Limits::default()),
+            Ok(Command::Stat)
+        );
+        assert_eq!(
+            parse_command(b"  QUIT", &Limits::default()),
+            Ok(Command::Quit)
+        );
+        assert_eq!(
+            parse_command(b"stat", &Limits::default()),
+            Err(CmdError::Invalid)
+        );
+        assert_eq!(
+            parse_command(b"FOO", &Limits::default()),
+            Err(CmdError::Invalid)
+        );
+        assert_eq!(
+            parse_command(b"BLKS 512", &Limits::default()),
+            Ok(Command::Blks(512))
+        );
+        assert_eq!(
+            parse_command(b"BLKS 0", &Limits::default()),
+            Err(CmdError::Blks)
+        );
+        assert_eq!(
+            parse_command(b"BLKS 1048577", &Limits::default()),
+            Err(CmdError::Blks)
+        );
+        assert_eq!(
+            parse_command(b"BLKS", &Limits::default()),
+            Err(CmdError::Blks)
+        );
+        assert_eq!(
+            parse_command(b"BLKS -1", &Limits::default()),
+            Err(CmdError::Blks)
+        );
+        assert_eq!(
+            parse_command(b"RTIM 0", &Limits::default()),
+            Ok(Command::Rtim(None))
+        );
+        assert_eq!(
+            parse_command(b"RTIM 250", &Limits::default()),
             Ok(Command::Rtim(Some(Duration::from_millis(250))))
         );
-        assert_eq!(parse_command(b"RTIM 1.5"), Err(CmdError::Rtim));
         assert_eq!(
-            parse_command(b"PACE 0.5"),
+            parse_command(b"RTIM 1.5", &Limits::default()),
+            Err(CmdError::Rtim)
+        );
+        assert_eq!(
+            parse_command(b"PACE 0.5", &Limits::default()),
             Ok(Command::Pace(Duration::from_millis(500)))
         );
         assert_eq!(
-            parse_command(b"PACE 2"),
+            parse_command(b"PACE 2", &Limits::default()),
             Ok(Command::Pace(Duration::from_secs(2)))
         );
-        assert_eq!(parse_command(b"PACE -1"), Err(CmdError::Pace));
-        assert_eq!(parse_command(b"PACE ."), Err(CmdError::Pace));
-        assert_eq!(parse_command(b"PACE 1e3"), Err(CmdError::Pace));
+        assert_eq!(
+            parse_command(b"PACE -1", &Limits::default()),
+            Err(CmdError::Pace)
+        );
+        assert_eq!(
+            parse_command(b"PACE .", &Limits::default()),
+            Err(CmdError::Pace)
+        );
+        assert_eq!(
+            parse_command(b"PACE 1e3", &Limits::default()),
+            Err(CmdError::Pace)
+        );
         assert_eq!(CmdError::Blks.to_string(), "ERR BLKS Invalid block size");
     }
 
     #[test]
     fn ntfy_command_and_defaults() {
-        let Ok(Command::Ntfy(Some(t))) = parse_command(b"NTFY 12") else {
+        let Ok(Command::Ntfy(Some(t))) = parse_command(b"NTFY 12", &Limits::default()) else {
             panic!("NTFY 12 did not parse");
         };
         assert_eq!(t.device, 12);
         assert_eq!(t.service, DEFAULT_SERVICE);
         assert_eq!(t.action, DEFAULT_ACTION);
         assert_eq!(t.pid, None);
-        let Ok(Command::Ntfy(Some(t))) = parse_command(b"NTFY 0 urn:x:serviceId:Y1 Act p1") else {
+        let Ok(Command::Ntfy(Some(t))) =
+            parse_command(b"NTFY 0 urn:x:serviceId:Y1 Act p1", &Limits::default())
+        else {
             panic!("full NTFY did not parse");
         };
         assert_eq!(
@@ -450,16 +520,25 @@ mod tests {
             (0, "urn:x:serviceId:Y1", "Act")
         );
         assert_eq!(t.pid.as_deref(), Some("p1"));
-        assert_eq!(parse_command(b"NTFY -1"), Ok(Command::Ntfy(None)));
-        assert_eq!(parse_command(b"NTFY abc"), Ok(Command::Ntfy(None)));
-        assert_eq!(parse_command(b"NTFY"), Ok(Command::Ntfy(None)));
+        assert_eq!(
+            parse_command(b"NTFY -1", &Limits::default()),
+            Ok(Command::Ntfy(None))
+        );
+        assert_eq!(
+            parse_command(b"NTFY abc", &Limits::default()),
+            Ok(Command::Ntfy(None))
+        );
+        assert_eq!(
+            parse_command(b"NTFY", &Limits::default()),
+            Ok(Command::Ntfy(None))
+        );
     }
 
     #[test]
     fn conn_request() {
         let line = b"CONN 192.168.0.5:3232  NTFY=123/urn:x:serviceId:E1/HandleReceive RTIM=600000 PACE=1\r";
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Ok(Command::Conn(req)) = parse_command(line) else {
+        let Ok(Command::Conn(req)) = parse_command(line, &Limits::default()) else {
             panic!("CONN did not parse");
         };
         assert_eq!(
@@ -485,28 +564,38 @@ mod tests {
             ntfy: NotifyTarget::from_parts("5".split('/')),
             ..Settings::default()
         };
-        let req = parse_conn(&["h:1", "BLKS=7", "NTFY=-1", "PRTO=udp"]).expect("parses");
+        let req = parse_conn(
+            &["h:1", "BLKS=7", "NTFY=-1", "PRTO=udp"],
+            &Limits::default(),
+        )
+        .expect("parses");
         let s = req.settings(&base);
         assert_eq!((s.blks, s.ntfy, s.transport), (7, None, Transport::Udp));
-        let s = parse_conn(&["h:1"]).expect("parses").settings(&base);
+        let s = parse_conn(&["h:1"], &Limits::default())
+            .expect("parses")
+            .settings(&base);
         assert_eq!(s.blks, 100);
         assert_eq!(s.ntfy.map(|t| t.device), Some(5));
     }
 
     #[test]
     fn ntfy_option_with_pid_keeps_slashes() {
-        let req = parse_conn(&["h:1", "NTFY=9/sid/act/a/b"]).expect("parses");
+        let req = parse_conn(&["h:1", "NTFY=9/sid/act/a/b"], &Limits::default()).expect("parses");
         let t = req.settings(&Settings::default()).ntfy.expect("target");
         assert_eq!(t.pid.as_deref(), Some("a/b"));
         assert_eq!(t.to_string(), "9/sid/act/a/b");
-        let req = parse_conn(&["h:1", "NTFY=9//"]).expect("parses");
+        let req = parse_conn(&["h:1", "NTFY=9//"], &Limits::default()).expect("parses");
         let t = req.settings(&Settings::default()).ntfy.expect("target");
         assert_eq!((&*t.service, &*t.action), (DEFAULT_SERVICE, DEFAULT_ACTION));
     }
 
     #[test]
     fn conn_errors() {
-        let err = |words: &[&str]| parse_conn(words).err().map(|e| e.to_string());
+        let err = |words: &[&str]| {
+            parse_conn(words, &Limits::default())
+                .err()
+                .map(|e| e.to_string())
+        };
         assert_eq!(err(&[]), Some("ERR CONN Missing host:port".into()));
         assert_eq!(
             err(&["host"]),

@@ -62,7 +62,7 @@ impl Timers {
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.set.len()
     }
 }

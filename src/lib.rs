@@ -1,0 +1,16 @@
+//! sockproxyd as a library: the daemon's modules, so that the binary
+//! (`main.rs`), the fuzz targets (`fuzz/`) and the benchmarks can reach the
+//! parsers and the command-mode state machine without sockets.
+
+pub mod acl;
+pub mod buffer;
+pub mod config;
+pub mod conn;
+pub mod event_loop;
+pub mod ini;
+pub mod logging;
+pub mod notify;
+pub mod protocol;
+pub mod resolve;
+pub mod stat;
+pub mod timer;
