@@ -11,3 +11,4 @@ mod init_script;
 mod lifecycle;
 mod lua;
 mod notify;
+mod vera_plugin;
