@@ -122,3 +122,22 @@ check-scripts:
 	done; \
 	if [ -n "$$bad" ]; then echo "check-scripts: failed:$$bad"; exit 1; fi; \
 	echo "check-scripts: $$n scripts ok"
+
+# --- The SockProxy plugin for Vera (openwrt/vera/plugin/; README.md "On a Vera") ---
+# `make vera-plugin`: the upload set in dist/vera-plugin/: the plugin's files and the
+# mipsel daemon under the name the plugin looks for (sockproxyd-mipsel). The plugin's own
+# tests run with `make test` (tests/vera_plugin.rs).
+VERA_PLUGIN = $(DIST)/vera-plugin
+
+.PHONY: vera-plugin
+
+vera-plugin: $(DIST)/sockproxyd-mipsel-unknown-linux-musl
+	rm -rf $(VERA_PLUGIN)
+	mkdir -p $(VERA_PLUGIN)
+	cp openwrt/vera/plugin/D_SockProxy1.xml openwrt/vera/plugin/D_SockProxy1.json \
+		openwrt/vera/plugin/I_SockProxy1.xml openwrt/vera/plugin/S_SockProxy1.xml \
+		openwrt/vera/plugin/L_SockProxy1.lua $(VERA_PLUGIN)/
+	cp $(DIST)/sockproxyd-mipsel-unknown-linux-musl $(VERA_PLUGIN)/sockproxyd-mipsel
+	chmod 755 $(VERA_PLUGIN)/sockproxyd-mipsel
+	@ls -l $(VERA_PLUGIN)
+	@echo "upload every file in $(VERA_PLUGIN)/ at Apps > Develop apps > Luup files"
