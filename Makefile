@@ -23,6 +23,40 @@ lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
+# Fuzzing (fuzz/README.md): cargo fuzz on a pinned nightly, which this installs when
+# missing, with cargo-fuzz (and a C++ compiler for libFuzzer). Every target runs for
+# FUZZ_SECONDS: a smoke by default (CI), `make fuzz FUZZ_SECONDS=900 FUZZ_TARGETS=acl`
+# for a real run. Seeds are read from fuzz/corpus/<target>/, what libFuzzer finds goes
+# to fuzz/corpus-work/ (not in git), a crash to fuzz/artifacts/<target>/ and fails the run.
+# Paths are absolute: the cli target works in a directory of its own.
+FUZZ_TOOLCHAIN ?= nightly-2026-10-29
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS ?= cli conn_options ini acl command_stream
+FUZZ_DIR = $(CURDIR)/fuzz
+
+.PHONY: fuzz
+
+fuzz:
+	@rustup run $(FUZZ_TOOLCHAIN) rustc --version >/dev/null 2>&1 || \
+		rustup toolchain install $(FUZZ_TOOLCHAIN) --profile minimal
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@command -v c++ >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++; } || \
+		{ echo "fuzz: no C++ compiler for libFuzzer: apt-get install g++"; exit 1; }
+	@for t in $(FUZZ_TARGETS); do \
+		log=$(FUZZ_DIR)/corpus-work/$$t.log; \
+		echo "fuzz: $$t for $(FUZZ_SECONDS) s (log: $$log)"; \
+		mkdir -p $(FUZZ_DIR)/corpus-work/$$t && \
+		if cargo +$(FUZZ_TOOLCHAIN) fuzz run --sanitizer none --debug-assertions $$t \
+			$(FUZZ_DIR)/corpus-work/$$t $(FUZZ_DIR)/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -dict=$(FUZZ_DIR)/dict/sockproxyd.dict \
+			-timeout=10 -print_final_stats=1 >$$log 2>&1; then \
+			grep -E '^#[0-9]+[[:space:]]+DONE' $$log; \
+		else \
+			tail -n 80 $$log; echo "fuzz: $$t failed"; exit 1; \
+		fi; \
+	done
+
 # Measurements, not pass/fail tests (benches/bench.rs; README.md "Performance"): loopback
 # only, table on stdout, JSON in target/bench/latest.json. `make bench QUICK=1` takes under
 # a minute. socat and haproxy are the reference relays: installed here when missing (as

@@ -1,0 +1,505 @@
+//! `command_stream`: the command-mode state machine (`conn::Conn`) fed an
+//! arbitrary byte stream in arbitrary chunks, the way `event_loop.rs` drives
+//! it, with the loop's choices (connect or fail, STOP allowed or not, a
+//! client that reads its replies at once or only when it must) taken from
+//! the input.
+//!
+//! Input: `flags`, `limits`, `n`, then `n % 8 + 1` chunk-length bytes (used
+//! in turn), then the stream. `flags`: bit 0 the connect succeeds, bit 1
+//! STOP is allowed, bit 2 the client reads replies only when nothing else
+//! can move, bit 3 the client ends its side after the stream, bit 4 the
+//! loop connects as soon as CONN is parsed (else once the client has filled
+//! the early buffer or the stream ends). `limits`: low nibble picks
+//! `max_line`, high nibble `max_blks`.
+//!
+//! Checks: no panic; `out` only ever holds whole lines; the replies and the
+//! steps are exactly those of a model that frames the whole stream at once
+//! (so chunking changes nothing): one reply per command in order, every
+//! reply one of the known forms, nothing after a close; the bytes behind the
+//! CONN line are all kept for the remote; the settings after CONN, the
+//! deadlines and PACE's first hold follow from what was sent; the state
+//! machine never stops taking input while it still could make progress.
+
+#![no_main]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use sockproxyd::conn::{
+    COMMAND_IDLE, CONNECT_TIMEOUT, Conn, LINGER, NotifyAt, STAT_IDLE, State, Step,
+};
+use sockproxyd::protocol::{
+    self, CAPA_REPLY, Command, ConnRequest, HELP_REPLY, Limits, MAX_BLKS, MAX_LINE, Settings,
+    parse_command,
+};
+use sockproxyd::stat;
+
+const ID: &str = "1a2b";
+const VERA: &str = "http://127.0.0.1:3480";
+const REFUSED: &str = "Connection refused";
+/// What the loop would append for STAT (the real table is checked apart:
+/// its times and counters are not the model's business).
+const STAT_TEXT: &str =
+    " ID           St  Idle    Up Client\n*1a2b         1  00m00 00m00 127.0.0.1\n";
+/// conn.rs's OUT_HIGH_WATER (private): replies stop being made beyond it.
+const OUT_HIGH_WATER: usize = 64 * 1024;
+
+const MAX_LINES: [usize; 16] = [
+    MAX_LINE, 1, 2, 3, 4, 5, 8, 13, 16, 31, 64, 100, 255, 1000, 4095, 4097,
+];
+const MAX_BLKSES: [usize; 16] = [
+    MAX_BLKS, 1, 2, 3, 16, 100, 512, 2048, 4096, 65536, 1, 2, 8, 1000, 2047, 2049,
+];
+
+struct Flags {
+    connect_ok: bool,
+    stop_allowed: bool,
+    lazy_reader: bool,
+    client_ends: bool,
+    connect_at_once: bool,
+}
+
+#[derive(Debug, PartialEq)]
+enum Ev {
+    Connect(ConnRequest),
+    Stat,
+    Stop,
+    Close,
+}
+
+/// What the connection must have done with the whole stream.
+struct Expect {
+    out: Vec<u8>,
+    events: Vec<Ev>,
+    /// Where the CONN line ended in the stream, and the settings it made.
+    conn: Option<(usize, Settings)>,
+    /// Draining at the end.
+    closed: bool,
+}
+
+/// PROTOCOL.md "Command mode", framed and answered line by line over the
+/// whole stream; parsing itself is `parse_command`'s (fuzzed on its own).
+fn model(stream: &[u8], limits: &Limits, f: &Flags) -> Expect {
+    let mut e = Expect {
+        out: protocol::greeting(ID).into_bytes(),
+        events: Vec::new(),
+        conn: None,
+        closed: true,
+    };
+    let mut settings = Settings::default();
+    let mut pos = 0;
+    let reply = |e: &mut Expect, text: &str| e.out.extend_from_slice(text.as_bytes());
+    loop {
+        let rest = &stream[pos..];
+        let Some(lf) = rest.iter().position(|&b| b == b'\n') else {
+            if rest.len() > limits.max_line + 1 {
+                reply(&mut e, "ERR LINE Too long\n");
+                e.events.push(Ev::Close);
+            } else {
+                e.closed = f.client_ends;
+            }
+            return e;
+        };
+        let line = &rest[..lf];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        pos += lf + 1;
+        if line.len() > limits.max_line {
+            reply(&mut e, "ERR LINE Too long\n");
+            e.events.push(Ev::Close);
+            return e;
+        }
+        let cmd = match parse_command(line, limits) {
+            Ok(cmd) => cmd,
+            Err(err) => {
+                reply(&mut e, &format!("{err}\n"));
+                e.events.push(Ev::Close);
+                return e;
+            }
+        };
+        match cmd {
+            Command::Blank => {}
+            Command::Conn(req) => {
+                let s = req.settings(&settings);
+                if f.connect_ok {
+                    let pid = s.ntfy.as_ref().and_then(|t| t.pid.as_deref()).unwrap_or(ID);
+                    reply(&mut e, &format!("OK CONN {pid}\n"));
+                    e.closed = false;
+                } else {
+                    reply(&mut e, &format!("ERR CONN {REFUSED}\n"));
+                }
+                e.events.push(Ev::Connect(req));
+                e.conn = Some((pos, s));
+                return e;
+            }
+            Command::Ntfy(t) => {
+                settings.ntfy = t;
+                reply(&mut e, "OK NTFY\n");
+            }
+            Command::Blks(n) => {
+                settings.blks = n;
+                reply(&mut e, "OK BLKS\n");
+            }
+            Command::Rtim(t) => {
+                settings.rtim = t;
+                reply(&mut e, "OK RTIM\n");
+            }
+            Command::Pace(p) => {
+                settings.pace = p;
+                reply(&mut e, "OK PACE\n");
+            }
+            Command::Stat => {
+                e.events.push(Ev::Stat);
+                reply(&mut e, STAT_TEXT);
+            }
+            Command::Capa => reply(&mut e, CAPA_REPLY),
+            Command::Help => reply(&mut e, HELP_REPLY),
+            Command::Bild => reply(&mut e, &format!("OK {}\n", protocol::BUILD)),
+            Command::Quit => {
+                reply(&mut e, "OK QUIT\n");
+                e.events.push(Ev::Close);
+                return e;
+            }
+            Command::Stop => {
+                e.events.push(Ev::Stop);
+                if f.stop_allowed {
+                    reply(&mut e, "OK STOP\n");
+                } else {
+                    reply(&mut e, "ERR STOP Not allowed\n");
+                }
+                return e;
+            }
+        }
+    }
+}
+
+/// The event loop's side of the conversation, and what it saw.
+struct Loop {
+    conn: Conn,
+    f: Flags,
+    limits: Limits,
+    now: Instant,
+    /// Everything the client has read, in order.
+    read: Vec<u8>,
+    events: Vec<Ev>,
+    /// Stream bytes the connection took.
+    fed: usize,
+    /// CONN parsed, connect not yet done, and when.
+    connecting_since: Option<Instant>,
+    stat_seen: bool,
+}
+
+impl Loop {
+    fn check_out(&self) {
+        assert!(
+            self.conn.out.is_empty() || self.conn.out.ends_with(b"\n"),
+            "out holds a partial line: {:?}",
+            String::from_utf8_lossy(&self.conn.out)
+        );
+        // A reply is at most a HELP text, a STAT table or an error that
+        // quotes a line (lossy UTF-8: three bytes per bad byte).
+        let bound = OUT_HIGH_WATER + 3 * self.limits.max_line + 4096;
+        assert!(
+            self.conn.out.len() <= bound,
+            "out grew to {}",
+            self.conn.out.len()
+        );
+    }
+
+    fn drain(&mut self) {
+        self.read.append(&mut self.conn.out);
+    }
+
+    fn connect(&mut self) {
+        if self.connecting_since.take().is_none() {
+            return;
+        }
+        if self.f.connect_ok {
+            self.conn.connected(VERA, self.now);
+        } else {
+            self.conn.connect_failed(REFUSED, self.now);
+        }
+        self.check_out();
+    }
+
+    /// `advance` in event_loop.rs: steps until the connection waits.
+    fn steps(&mut self) {
+        loop {
+            let step = self.conn.next_step(self.now);
+            self.check_out();
+            match step {
+                Step::Wait => break,
+                Step::Connect(req) => {
+                    assert!(matches!(self.conn.state, State::Connecting { .. }));
+                    assert_eq!(self.conn.target.as_deref(), Some(req.target.as_str()));
+                    assert_eq!(
+                        self.conn.connect_deadline(),
+                        Some(self.now + CONNECT_TIMEOUT)
+                    );
+                    self.events.push(Ev::Connect(req));
+                    self.connecting_since = Some(self.now);
+                    if self.f.connect_at_once {
+                        self.connect();
+                    }
+                }
+                Step::Stat => {
+                    assert!(matches!(self.conn.state, State::Command { .. }));
+                    self.events.push(Ev::Stat);
+                    self.stat_seen = true;
+                    let table = stat::table(&[self.conn.stat_row(true, self.now)]);
+                    assert_eq!(table.lines().count(), 2, "STAT table {table:?}");
+                    assert!(table.ends_with('\n'));
+                    assert!(
+                        table
+                            .lines()
+                            .nth(1)
+                            .is_some_and(|l| l.starts_with("*1a2b "))
+                    );
+                    self.conn.out.extend_from_slice(STAT_TEXT.as_bytes());
+                }
+                Step::Stop => {
+                    assert!(matches!(self.conn.state, State::Command { .. }));
+                    self.events.push(Ev::Stop);
+                    self.conn.stop(self.f.stop_allowed, self.now);
+                    assert!(matches!(self.conn.state, State::Draining { .. }));
+                }
+                Step::Close => {
+                    assert!(matches!(self.conn.state, State::Draining { .. }));
+                    self.events.push(Ev::Close);
+                }
+            }
+            self.check_out();
+            if !self.f.lazy_reader {
+                self.drain();
+            }
+        }
+        self.check_deadlines();
+    }
+
+    fn check_deadlines(&self) {
+        let c = &self.conn;
+        assert!(c.last_active <= self.now);
+        match &c.state {
+            State::Command { .. } => {
+                let idle = if self.stat_seen {
+                    STAT_IDLE
+                } else {
+                    COMMAND_IDLE
+                };
+                assert_eq!(c.idle_deadline(), Some(c.last_active + idle));
+            }
+            State::Connecting { .. } => assert_eq!(
+                c.connect_deadline(),
+                self.connecting_since.map(|t| t + CONNECT_TIMEOUT)
+            ),
+            State::Echo { .. } => {
+                assert_eq!(c.idle_deadline(), None);
+                assert_eq!(
+                    c.rtim_deadline(),
+                    c.settings.rtim.and_then(|r| c.last_active.checked_add(r))
+                );
+            }
+            State::Draining { deadline } => {
+                assert_eq!(c.idle_deadline(), Some(*deadline));
+                assert!(*deadline <= self.now + LINGER);
+            }
+        }
+    }
+
+    /// One chunk from the client, as far as the connection takes it.
+    /// False once it takes no more (closed, or the remote does not read).
+    fn feed(&mut self, chunk: &[u8], by_space: bool) -> bool {
+        let mut off = 0;
+        while off < chunk.len() {
+            let Some(input) = self.conn.client_input() else {
+                return false;
+            };
+            let rest = &chunk[off..];
+            let n = if by_space {
+                let space = input.space();
+                let n = space.len().min(rest.len());
+                space[..n].copy_from_slice(&rest[..n]);
+                input.fill(n);
+                n
+            } else {
+                input.push(rest)
+            };
+            off += n;
+            self.fed += n;
+            self.steps();
+            if n > 0 {
+                continue;
+            }
+            match self.conn.state {
+                State::Command { .. } => {
+                    // Full: only a client that reads its replies can help.
+                    self.drain();
+                    self.steps();
+                    let stuck = matches!(&self.conn.state,
+                        State::Command { input } if input.is_full());
+                    assert!(!stuck, "command mode stuck with a full input buffer");
+                }
+                State::Connecting { .. } => {
+                    assert!(self.connecting_since.is_some());
+                    self.connect();
+                    self.steps();
+                }
+                State::Echo { .. } | State::Draining { .. } => return false,
+            }
+        }
+        true
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let [flags, limits, n, rest @ ..] = data else {
+        return;
+    };
+    let count = usize::from(n % 8) + 1;
+    if rest.len() < count {
+        return;
+    }
+    let (lens, stream) = rest.split_at(count);
+    let lens: Vec<usize> = lens
+        .iter()
+        .map(|&b| match b {
+            0..128 => usize::from(b) + 1,
+            _ => (usize::from(b) - 127) * 64,
+        })
+        .collect();
+    let f = Flags {
+        connect_ok: flags & 1 != 0,
+        stop_allowed: flags & 2 != 0,
+        lazy_reader: flags & 4 != 0,
+        client_ends: flags & 8 != 0,
+        connect_at_once: flags & 16 != 0,
+    };
+    let limits = Limits {
+        max_line: MAX_LINES[usize::from(limits & 15)],
+        max_blks: MAX_BLKSES[usize::from(limits >> 4)],
+    };
+    let expect = model(stream, &limits, &f);
+
+    let t0 = Instant::now();
+    let client = SocketAddr::from(([127, 0, 0, 1], 5000));
+    let mut lp = Loop {
+        conn: Conn::command(ID.into(), client, limits, t0),
+        f,
+        limits,
+        now: t0,
+        read: Vec::new(),
+        events: Vec::new(),
+        fed: 0,
+        connecting_since: None,
+        stat_seen: false,
+    };
+    lp.check_out();
+    if !lp.f.lazy_reader {
+        lp.drain();
+    }
+
+    let mut pos = 0;
+    for (i, &len) in lens.iter().cycle().enumerate() {
+        if pos >= stream.len() {
+            break;
+        }
+        let chunk = &stream[pos..stream.len().min(pos + len)];
+        pos += chunk.len();
+        lp.now += Duration::from_millis(1);
+        if !lp.feed(chunk, i % 2 == 1) {
+            break;
+        }
+    }
+    // The stream is over: the client reads what is left, the loop finishes
+    // what it can, then the connect completes, then the client may end.
+    loop {
+        lp.drain();
+        lp.steps();
+        if lp.conn.out.is_empty() {
+            break;
+        }
+    }
+    if let (Some((conn_end, _)), State::Connecting { .. }) = (&expect.conn, &lp.conn.state) {
+        assert_eq!(lp.conn.nothing_early(), lp.fed == *conn_end);
+    }
+    lp.connect();
+    if lp.f.client_ends {
+        lp.conn.client_ended(lp.now);
+    }
+    lp.steps();
+    lp.drain();
+
+    assert_eq!(
+        lp.events,
+        expect.events,
+        "steps differ from the model's; read so far: {:?}",
+        String::from_utf8_lossy(&lp.read)
+    );
+    assert!(
+        lp.read == expect.out,
+        "replies differ from the model's:\n got: {:?}\nwant: {:?}",
+        String::from_utf8_lossy(&lp.read),
+        String::from_utf8_lossy(&expect.out)
+    );
+    for line in String::from_utf8_lossy(&lp.read).lines() {
+        let known = line.starts_with("OK ")
+            || line.starts_with("ERR ")
+            || HELP_REPLY.lines().any(|h| h == line)
+            || STAT_TEXT.lines().any(|s| s == line);
+        assert!(known, "unknown reply line {line:?}");
+    }
+
+    // Closed means closed: nothing more is read or answered.
+    assert_eq!(lp.conn.client_input().is_none(), expect.closed);
+    if expect.closed {
+        assert!(matches!(lp.conn.state, State::Draining { .. }));
+        assert!(matches!(lp.conn.next_step(lp.now), Step::Wait));
+        assert!(lp.conn.out.is_empty());
+        return;
+    }
+    let Some((conn_end, settings)) = expect.conn else {
+        assert!(matches!(lp.conn.state, State::Command { .. }));
+        return;
+    };
+    // Echo: every byte the client sent behind its CONN line waits for the
+    // remote (PROTOCOL.md "CONN": kept and forwarded once connected).
+    assert_eq!(lp.conn.settings, settings);
+    let State::Echo {
+        to_remote,
+        to_client,
+    } = &lp.conn.state
+    else {
+        panic!("not in echo mode after OK CONN");
+    };
+    assert_eq!(to_client.capacity(), settings.blks);
+    assert!(to_remote.capacity() >= settings.blks);
+    assert!(
+        to_remote.data() == &stream[conn_end..lp.fed],
+        "early bytes lost or changed: {} kept of {}",
+        to_remote.len(),
+        lp.fed - conn_end
+    );
+    let (now, pace) = (lp.now, settings.pace);
+    if settings.ntfy.is_none() {
+        assert_eq!(lp.conn.want_notify(now), NotifyAt::Never);
+        return;
+    }
+    // PROTOCOL.md "Notifications": the first goes out at once; one inside the
+    // PACE window is held until the window ends, and then goes.
+    assert_eq!(lp.conn.want_notify(now), NotifyAt::Now);
+    let soon = now + Duration::from_millis(1);
+    if pace > Duration::from_millis(1) {
+        assert_eq!(lp.conn.want_notify(soon), NotifyAt::Later(now + pace));
+        assert_eq!(lp.conn.want_notify(soon), NotifyAt::Never);
+        assert_eq!(lp.conn.pace_expired(soon), NotifyAt::Later(now + pace));
+        assert_eq!(lp.conn.pace_expired(now + pace), NotifyAt::Now);
+        assert_eq!(lp.conn.pace_expired(now + pace), NotifyAt::Never);
+    } else {
+        assert_eq!(lp.conn.want_notify(soon), NotifyAt::Now);
+    }
+    assert!(lp.conn.claim_notify().is_some());
+    assert!(
+        lp.conn.claim_notify().is_none(),
+        "two notifications waiting"
+    );
+});
