@@ -702,7 +702,9 @@ fn advance(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) -> io::Resu
             State::Command { .. } => {
                 write_out(s)?;
                 read_client(s)?;
-                match s.conn.next_step(now) {
+                let step = s.conn.next_step(now);
+                let waiting = matches!(step, Step::Wait);
+                match step {
                     Step::Wait | Step::Close => {}
                     Step::Stat => return Ok(Verdict::Stat),
                     Step::Stop => {
@@ -725,6 +727,15 @@ fn advance(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) -> io::Resu
                         }
                         start_connect(s, ctx, key, &req, now);
                     }
+                }
+                // The input filled up before the socket was drained, and the
+                // commands have made room: read on, as no new edge will come.
+                if waiting
+                    && s.client.readable
+                    && !s.client.eof
+                    && s.conn.client_input().is_some_and(|b| !b.is_full())
+                {
+                    continue;
                 }
                 if s.client.eof {
                     s.conn.client_ended(now);

@@ -3,15 +3,17 @@
 //!
 //! In scope: building the URL, performing the GET (5 s timeout), judging
 //! the answer (Vera: 401; openLuup: 200 with a body starting `ERROR:`) and
-//! warning once per connection. Out of scope: deciding when to notify
-//! (coalescing and PACE are the loop's, through `Job::claim`); connections.
+//! warning once per connection; a few workers so that a slow answer does not
+//! hold up every other connection's notification. Out of scope: deciding
+//! when to notify (coalescing and PACE are the loop's, through
+//! `Job::claim`); connections.
 
 use std::io::Read;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
@@ -20,13 +22,30 @@ use crate::protocol::NotifyTarget;
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of an answer's body is read to look for `ERROR:`.
 const BODY_PEEK: u64 = 512;
+/// Notifications in flight at once: enough that 500 busy connections are
+/// not served one GET at a time, few enough for a router. Each connection
+/// still has at most one waiting (`Job::claim`).
+const WORKERS: usize = 4;
+/// ureq needs little stack; the default 2 MiB per thread is address space a
+/// 32-bit router can use better.
+const STACK: usize = 256 * 1024;
+
+/// `Job::state`: nothing to do.
+const IDLE: u8 = 0;
+/// In the queue, not yet taken by a worker.
+const QUEUED: u8 = 1;
+/// A worker is performing the GET.
+const RUNNING: u8 = 2;
+/// A worker is performing the GET, and newer data needs another one after it.
+const RUNNING_AGAIN: u8 = 3;
 
 /// One connection's notification target, shared between the loop (which
-/// claims it) and the notifier thread (which releases it).
+/// claims it) and the workers (which run it). Per connection, one GET runs at
+/// a time and at most one more waits (PROTOCOL.md "Notifications").
 pub struct Job {
     pub conn: String,
     pub url: String,
-    queued: AtomicBool,
+    state: AtomicU8,
     warned: AtomicBool,
 }
 
@@ -36,15 +55,45 @@ impl Job {
         Arc::new(Job {
             conn: conn.to_string(),
             url: notify_url(vera, target, pid),
-            queued: AtomicBool::new(false),
+            state: AtomicU8::new(IDLE),
             warned: AtomicBool::new(false),
         })
     }
 
-    /// True if no notification for this connection is waiting: the caller
-    /// then queues one. PROTOCOL.md: at most one waits at any time.
+    /// Asks for a notification. True if the caller must queue the job; false
+    /// if one is already waiting (coalesced) or the worker running this job's
+    /// GET has been told to run it once more when done.
     pub fn claim(&self) -> bool {
-        !self.queued.swap(true, Ordering::AcqRel)
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            let (next, queue) = match state {
+                IDLE => (QUEUED, true),
+                RUNNING => (RUNNING_AGAIN, false),
+                _ => return false, // QUEUED or RUNNING_AGAIN: one waits already
+            };
+            match self
+                .state
+                .compare_exchange(state, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return queue,
+                Err(now) => state = now,
+            }
+        }
+    }
+
+    /// After a GET: true if another one was asked for meanwhile (and the
+    /// job stays RUNNING), false if the job is IDLE again.
+    fn again(&self) -> bool {
+        match self
+            .state
+            .compare_exchange(RUNNING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => false,
+            Err(_) => {
+                self.state.store(RUNNING, Ordering::Release);
+                true
+            }
+        }
     }
 }
 
@@ -83,31 +132,19 @@ pub struct Notifier {
 impl Notifier {
     pub fn spawn() -> std::io::Result<Notifier> {
         let (tx, rx) = mpsc::channel::<Arc<Job>>();
+        let rx = Arc::new(Mutex::new(rx));
         let (done_tx, done) = mpsc::channel();
-        thread::Builder::new()
-            .name("notifier".into())
-            .spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .timeout_global(Some(TIMEOUT))
-                    .http_status_as_error(false)
-                    .user_agent("sockproxyd-1")
-                    .max_idle_connections(0)
-                    .build()
-                    .into();
-                for job in rx {
-                    // Released before the GET: data that arrives while it is
-                    // in flight earns a fresh notification.
-                    job.queued.store(false, Ordering::Release);
-                    match get(&agent, &job.url) {
-                        Ok(()) => debug!("{}: notified {}", job.conn, job.url),
-                        Err(why) if !job.warned.swap(true, Ordering::Relaxed) => {
-                            warn!("{}: notification failed: {why}: {}", job.conn, job.url)
-                        }
-                        Err(why) => debug!("{}: notification failed: {why}", job.conn),
-                    }
-                }
-                let _ = done_tx.send(());
-            })?;
+        for n in 0..WORKERS {
+            let rx = Arc::clone(&rx);
+            let done_tx = done_tx.clone();
+            thread::Builder::new()
+                .name(format!("notifier{n}"))
+                .stack_size(STACK)
+                .spawn(move || {
+                    work(&rx);
+                    let _ = done_tx.send(());
+                })?;
+        }
         Ok(Notifier { tx: Some(tx), done })
     }
 
@@ -119,10 +156,52 @@ impl Notifier {
         }
     }
 
-    /// Lets the thread send what is queued, waiting at most `wait`.
+    /// Lets the workers send what is queued, waiting at most `wait`.
     pub fn finish(&mut self, wait: Duration) {
         self.tx = None;
-        let _ = self.done.recv_timeout(wait);
+        let deadline = Instant::now() + wait;
+        for _ in 0..WORKERS {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self.done.recv_timeout(left).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// One worker: takes the next job from the shared queue until it closes.
+fn work(rx: &Mutex<Receiver<Arc<Job>>>) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(TIMEOUT))
+        .http_status_as_error(false)
+        .user_agent("sockproxyd-1")
+        .max_idle_connections(0)
+        .build()
+        .into();
+    loop {
+        // The lock is held only while waiting for a job, not during the GET.
+        let job = match rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else {
+            return; // the loop has finished
+        };
+        // Data that arrives while the GET is in flight earns a fresh
+        // notification, sent by this worker right after it (`again`).
+        job.state.store(RUNNING, Ordering::Release);
+        loop {
+            match get(&agent, &job.url) {
+                Ok(()) => debug!("{}: notified {}", job.conn, job.url),
+                Err(why) if !job.warned.swap(true, Ordering::Relaxed) => {
+                    warn!("{}: notification failed: {why}: {}", job.conn, job.url)
+                }
+                Err(why) => debug!("{}: notification failed: {why}", job.conn),
+            }
+            if !job.again() {
+                break;
+            }
+        }
     }
 }
 
@@ -181,6 +260,12 @@ mod tests {
                 .ends_with("DeviceNum=7&serviceId=a%20b%2Fc&action=Do_it.~-&Pid=x%26y%3Dz%25")
         );
         assert!(job.claim());
-        assert!(!job.claim());
+        assert!(!job.claim(), "one already waits");
+        job.state.store(RUNNING, Ordering::Release);
+        assert!(!job.claim(), "runs again after the GET instead");
+        assert!(!job.claim(), "and only once");
+        assert!(job.again());
+        assert!(!job.again());
+        assert!(job.claim(), "idle: queue a new one");
     }
 }

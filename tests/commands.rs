@@ -426,3 +426,19 @@ fn command_mode_idle_timeout_is_30s_and_stat_extends_it() {
     echo.send(b"ping");
     assert_eq!(echo.read_n(4, dur(5_000)), b"ping");
 }
+
+#[test]
+fn pipelined_commands_longer_than_the_line_buffer_are_all_answered() {
+    // 1,000 commands in one write: more than the command buffer holds (a
+    // longest line), so the daemon must go on reading as commands make room,
+    // although no new readiness edge arrives for bytes already in the socket.
+    let (_l, d) = daemon();
+    let (mut c, _) = d.client();
+    c.send(&b"BILD\n".repeat(1000));
+    for _ in 0..1000 {
+        let line = c.line();
+        assert!(line.starts_with("OK "), "{line:?}");
+    }
+    c.send(b"QUIT\n");
+    c.expect_line_then_eof("OK QUIT");
+}
