@@ -307,7 +307,16 @@ impl Daemon {
     /// `log_file` when the arguments send the log there. Ready means a
     /// `listening on <ip:port> (commands)` line; an exit before that is a `StartFailure`.
     pub fn spawn(args: &[String], log_file: Option<&Path>) -> Result<Daemon, StartFailure> {
-        let mut child = command(args)
+        Self::spawn_command(command(args), log_file)
+    }
+
+    /// `spawn` with a command of the caller's making (from `command`, e.g. with a
+    /// `pre_exec` hook added).
+    pub fn spawn_command(
+        mut cmd: Command,
+        log_file: Option<&Path>,
+    ) -> Result<Daemon, StartFailure> {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -1072,6 +1081,10 @@ pub enum LuupMode {
     ErrorBody,
     /// Read the request, then never answer (until `release_stalled`).
     Stall,
+    /// `500 Internal Server Error`.
+    ServerError,
+    /// Bytes that are not HTTP at all, then close.
+    Garbage,
 }
 
 #[derive(Clone, Debug)]
@@ -1223,6 +1236,8 @@ fn response(mode: LuupMode) -> Vec<u8> {
         LuupMode::Ok | LuupMode::Stall => ("200 OK", "{ \"u:HandleReceiveResponse\": {} }"),
         LuupMode::Unauthorized => ("401 Unauthorized", "Invalid Service"),
         LuupMode::ErrorBody => ("200 OK", "ERROR: No implementation"),
+        LuupMode::ServerError => ("500 Internal Server Error", "Lua error"),
+        LuupMode::Garbage => return b"\x00\xffSSH-2.0-not-http\r\n\x1b[0m\r\n\r\n".to_vec(),
     };
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -1272,4 +1287,231 @@ fn serve(mut s: TcpStream, st: &LuupState) {
     // Let the client read the answer before the socket goes away.
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
     let _ = s.read(&mut tmp);
+}
+
+// ---------------------------------------------------------------------------------------
+// Other hosts, resource limits, /proc (access and fault tests)
+
+/// A TCP connection to `dst` from the local address `src` (port chosen by the kernel).
+/// The whole of 127.0.0.0/8 is local, so a client bound to 127.0.0.2 is another host
+/// as far as `allow=` and `stop_from=` are concerned.
+pub fn connect_from(src: Ipv4Addr, dst: SocketAddr) -> io::Result<TcpStream> {
+    let SocketAddr::V4(dst) = dst else {
+        return Err(io::Error::new(ErrorKind::InvalidInput, "IPv4 only"));
+    };
+    // SAFETY: plain socket calls on a fd we own; it is handed to TcpStream (which closes
+    // it) or closed here on failure.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let sa = sockaddr_in(SocketAddrV4::new(src, 0));
+        if libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let sa = sockaddr_in(dst);
+        if libc::connect(fd, (&sa as *const libc::sockaddr_in).cast(), len) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+impl Client {
+    /// `connect` from the local address `src`.
+    #[track_caller]
+    pub fn connect_from(src: Ipv4Addr, addr: SocketAddr) -> Client {
+        let s = connect_from(src, addr).unwrap_or_else(|e| panic!("connect {src} -> {addr}: {e}"));
+        Client::from_stream(s)
+    }
+
+    /// Reads until EOF and checks that not one byte came (no greeting, no error line).
+    /// A reset counts as EOF.
+    #[track_caller]
+    pub fn expect_silent_close(&mut self, timeout: Duration) {
+        let got = self.read_to_eof(timeout);
+        assert!(
+            got.is_empty(),
+            "expected a close with nothing sent, got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}
+
+/// The first IPv4 address of this machine outside 127.0.0.0/8 (an interface that is
+/// up), if there is one: a source address that is not loopback at all.
+pub fn non_loopback_ipv4() -> Option<Ipv4Addr> {
+    let mut found = None;
+    // SAFETY: getifaddrs/freeifaddrs as documented; the list is only read in between.
+    unsafe {
+        let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut head) != 0 {
+            return None;
+        }
+        let mut p = head;
+        while !p.is_null() {
+            let ifa = &*p;
+            p = ifa.ifa_next;
+            let up = ifa.ifa_flags & (libc::IFF_UP as libc::c_uint) != 0;
+            if !up || ifa.ifa_addr.is_null() {
+                continue;
+            }
+            if i32::from((*ifa.ifa_addr).sa_family) != libc::AF_INET {
+                continue;
+            }
+            let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            if !ip.is_loopback() && !ip.is_unspecified() {
+                found = Some(ip);
+                break;
+            }
+        }
+        libc::freeifaddrs(head);
+    }
+    found
+}
+
+/// Sends RST instead of FIN: SO_LINGER with a zero timeout, then close.
+#[track_caller]
+pub fn abort(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+    drop(s);
+}
+
+impl Daemon {
+    /// Starts a daemon with `args` whose descriptor limit (RLIMIT_NOFILE, soft and
+    /// hard) is `nofile`, as `ulimit -n` would set it.
+    #[track_caller]
+    pub fn start_nofile(args: &[String], nofile: u64) -> Daemon {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = command(args);
+        // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let lim = libc::rlimit {
+                    rlim_cur: nofile as libc::rlim_t,
+                    rlim_max: nofile as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::spawn_command(cmd, None).unwrap_or_else(|f| {
+            panic!(
+                "sockproxyd {args:?} (nofile {nofile}) did not get ready (exit status {:?}); its log:\n{}",
+                f.status,
+                f.log.join("\n")
+            )
+        })
+    }
+
+    /// How many log lines so far match `pred`.
+    pub fn log_count(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.log_lines().iter().filter(|l| pred(l)).count()
+    }
+
+    /// Resident memory (`VmRSS` of /proc/<pid>/status), KiB.
+    #[track_caller]
+    pub fn rss_kib(&self) -> u64 {
+        proc_rss_kib(self.pid()).unwrap_or_else(|| panic!("no VmRSS for {}", self.name))
+    }
+
+    /// CPU time used so far (user + system, /proc/<pid>/stat).
+    #[track_caller]
+    pub fn cpu_time(&self) -> Duration {
+        proc_cpu_time(self.pid()).unwrap_or_else(|| panic!("no /proc stat for {}", self.name))
+    }
+
+    /// Open descriptors (/proc/<pid>/fd).
+    #[track_caller]
+    pub fn fd_count(&self) -> usize {
+        proc_fd_count(self.pid()).unwrap_or_else(|| panic!("no /proc fd for {}", self.name))
+    }
+}
+
+/// `VmRSS` of a process, KiB.
+pub fn proc_rss_kib(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// utime + stime of a process (fields 14 and 15 of /proc/<pid>/stat, after the
+/// parenthesised command name, which may hold blanks).
+pub fn proc_cpu_time(pid: i32) -> Option<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state).
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = u64::try_from(hz).ok().filter(|&h| h > 0).unwrap_or(100);
+    Some(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// Entries in /proc/<pid>/fd.
+pub fn proc_fd_count(pid: i32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// A scratch file (an INI configuration, say), removed with its directory on drop.
+pub struct ScratchFile {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl ScratchFile {
+    pub fn new(name: &str, text: &str) -> ScratchFile {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "sockproxyd-test-{}-{}-{name}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write scratch file");
+        ScratchFile { dir, path }
+    }
+
+    pub fn arg(&self) -> String {
+        self.path.to_string_lossy().to_string()
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The usual arguments plus `-c <ini>` with `text` as the INI file. Keep the
+/// `ScratchFile` alive while the daemon may read it.
+pub fn args_with_ini(luup: &str, name: &str, text: &str) -> (Vec<String>, ScratchFile) {
+    let f = ScratchFile::new(name, text);
+    let mut a = std_args(luup);
+    a.push("-c".into());
+    a.push(f.arg());
+    (a, f)
 }
