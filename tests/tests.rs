@@ -4,6 +4,7 @@
 
 mod util;
 
+mod access;
 mod commands;
 mod config;
 mod echo;
