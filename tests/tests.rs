@@ -8,6 +8,7 @@ mod access;
 mod commands;
 mod config;
 mod echo;
+mod faults;
 mod init_script;
 mod lifecycle;
 mod lua;
