@@ -175,3 +175,16 @@ vera-plugin: $(DIST)/sockproxyd-mipsel-unknown-linux-musl
 	chmod 755 $(VERA_PLUGIN)/sockproxyd-mipsel
 	@ls -l $(VERA_PLUGIN)
 	@echo "upload every file in $(VERA_PLUGIN)/ at Apps > Develop apps > Luup files"
+
+# --- Soak (not in CI): benches/soak.rs runs mixed traffic against the release daemon ---
+# short connections, long transfers with hash checks, notifications, STATs, hang-ups;
+# every minute it prints the idle daemon's RSS and descriptor count, and at the end
+# whether both stayed flat and every transfer matched (exit 1 otherwise). 30 minutes by
+# default: `make soak MINUTES=5`. The daemon's log is in target/soak/daemon.log.
+MINUTES ?=
+
+.PHONY: soak
+
+soak:
+	$(CARGO) build --release
+	$(CARGO) bench --bench soak -- $(if $(MINUTES),--minutes $(MINUTES))
