@@ -504,7 +504,7 @@ fn churn_of_1000_clients_beside_50_long_transfers() {
     let mut transfers = Vec::new();
     for i in 0..TRANSFERS {
         let (mut c, _) = d.client();
-        conn_ok(&mut c, &format!("CONN {dev_addr}"));
+        conn_ok(&mut c, &format!("CONN {dev_addr} BLKS=16384"));
         let (up, down) = (Arc::clone(&up), Arc::clone(&down));
         transfers.push(thread::spawn(move || {
             let mut w = c.writer();
