@@ -104,6 +104,8 @@ struct Side<S> {
     interest: Interest,
     /// End-of-stream read from it.
     eof: bool,
+    /// The kernel reported an error (EPOLLERR): `take_error` says which.
+    error: bool,
     /// End-of-stream passed on to it (`shutdown(Write)`).
     shut: bool,
 }
@@ -118,6 +120,7 @@ impl<S: mio::event::Source> Side<S> {
             writable: false,
             interest,
             eof: false,
+            error: false,
             shut: false,
         })
     }
@@ -144,7 +147,23 @@ impl<S: mio::event::Source> Side<S> {
         if event.is_writable() || event.is_write_closed() || event.is_error() {
             self.writable = true;
         }
+        if event.is_error() {
+            self.error = true;
+        }
     }
+}
+
+/// The error the kernel reported on a socket, if any, taken once.
+fn reported_error<S>(
+    side: &mut Side<S>,
+    take: impl Fn(&S) -> io::Result<Option<io::Error>>,
+) -> io::Result<()> {
+    if std::mem::take(&mut side.error)
+        && let Some(e) = take(&side.sock)?
+    {
+        return Err(e);
+    }
+    Ok(())
 }
 
 impl<S: Read> Side<S> {
@@ -697,6 +716,18 @@ impl EventLoop {
 
 /// Runs the session's state machine until it waits for the network.
 fn advance(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) -> io::Result<Verdict> {
+    // PROTOCOL.md "Echo mode": the connection ends on an error on either
+    // side, also one that comes when nothing is left to read or write there:
+    // a client that closed answers the remote's next bytes with RST. (While
+    // connecting, the remote's error is the connect's: `check_connect`.)
+    reported_error(&mut s.client, TcpStream::take_error)?;
+    if s.conn.is_echo() {
+        match &mut s.remote {
+            Remote::Tcp(side) => reported_error(side, TcpStream::take_error)?,
+            Remote::Udp(side, _) => reported_error(side, UdpSocket::take_error)?,
+            Remote::None | Remote::Resolving => {}
+        }
+    }
     loop {
         match &s.conn.state {
             State::Command { .. } => {

@@ -744,7 +744,7 @@ fn out_of_descriptors_no_spin_one_log_line_and_recovery() {
 }
 
 #[test]
-#[ignore = "daemon bug: after the client's FIN (passed on as a half-close) its socket gets RST when the daemon forwards the remote's next bytes; the daemon never looks at the client socket again (its EOF is already read, nothing is left to write), so the connection and the remote socket stay open for as long as the remote stays silent"]
+
 fn client_that_closed_and_then_reset_is_released() {
     // The client reads OK CONN and closes (FIN: to the daemon a half-close, passed on to
     // the remote). The remote then answers; the client's kernel, whose socket is gone,
