@@ -744,7 +744,6 @@ fn out_of_descriptors_no_spin_one_log_line_and_recovery() {
 }
 
 #[test]
-
 fn client_that_closed_and_then_reset_is_released() {
     // The client reads OK CONN and closes (FIN: to the daemon a half-close, passed on to
     // the remote). The remote then answers; the client's kernel, whose socket is gone,
