@@ -110,7 +110,18 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::Usage(m) | ConfigError::File(m) => f.write_str(m),
+            // One line whatever a path or an argument holds: control
+            // characters (a newline in an argument) are shown escaped.
+            ConfigError::Usage(m) | ConfigError::File(m) => {
+                for c in m.chars() {
+                    if c.is_control() {
+                        write!(f, "{}", c.escape_default())?;
+                    } else {
+                        f.write_fmt(format_args!("{c}"))?;
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -198,9 +209,13 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 }
 
 /// The notifier speaks plain HTTP only (no TLS in a router binary).
+/// Needs a host: the notifier appends `/data_request?...` to what is kept.
 fn parse_vera(s: &str) -> Option<String> {
-    let rest = s.strip_prefix("http://")?;
-    (!rest.is_empty()).then(|| s.trim_end_matches('/').to_string())
+    let host = s.strip_prefix("http://")?.split('/').next()?;
+    if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return None;
+    }
+    Some(s.trim_end_matches('/').to_string())
 }
 
 fn is_true(v: Option<&str>) -> Option<bool> {
@@ -370,6 +385,19 @@ mod tests {
             let e = run(args).expect_err("must fail");
             assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
         }
+        // Found by fuzzing (fuzz/, target cli): a URL with no host, and a
+        // newline in an argument that made the one error line two.
+        for url in ["http://", "http:///", "http:///x", "http:// x"] {
+            assert!(run(&["-N", url]).is_err(), "{url} accepted");
+        }
+        assert_eq!(run(&["-N", "http://h:1//"]).expect("ok").vera, "http://h:1");
+        let e = run(&["-\n"]).expect_err("bad option");
+        assert!(!e.to_string().contains('\n'), "{e}");
+        let e = run(&["-c", "a\nb"]).expect_err("no such file");
+        assert!(
+            e.to_string().starts_with("config: cannot read a\\nb: "),
+            "{e}"
+        );
         assert!(matches!(parse_args(["--help"]), Ok(Parsed::Help)));
         assert!(matches!(parse_args(["-h"]), Ok(Parsed::Help)));
         assert!(matches!(parse_args(["--version"]), Ok(Parsed::Version)));
