@@ -173,6 +173,13 @@ do_start() {
 			continue
 		fi
 		if [ -z "$pid" ] || ! is_ours "$pid"; then
+			# Just forked: until the child has exec'd the daemon, its command
+			# line is the shell's. Give it a second before calling it failed.
+			if [ -n "$pid" ] && [ "$ticks" -lt "$TICKS_PER_SEC" ] && kill -0 "$pid" 2>/dev/null; then
+				sleep "$TICK"
+				ticks=$((ticks + 1))
+				continue
+			fi
 			rm -f "$PIDFILE"
 			echo "$NAME failed to start; the last line of $LOGFILE:" >&2
 			last_log_line >&2
