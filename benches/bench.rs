@@ -1050,6 +1050,16 @@ impl Daemon {
     }
 }
 
+/// A daemon left behind by an error path is killed, not orphaned.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// One line, byte by byte (nothing behind it is consumed).
 fn read_line(s: &mut TcpStream) -> Res<String> {
     let mut line = Vec::new();
