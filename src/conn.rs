@@ -266,10 +266,17 @@ impl Conn {
         Step::Close
     }
 
-    /// The client ended its side while in command mode: whatever complete
-    /// commands it sent have been handled; write the replies and close.
+    /// The client ended its side while in command mode: once every complete
+    /// command it sent has been answered (some may wait while unread replies
+    /// fill `out`), write the replies and close.
     pub fn client_ended(&mut self, now: Instant) {
-        if matches!(self.state, State::Command { .. }) {
+        if let State::Command { input } = &self.state {
+            if !matches!(
+                protocol::next_line(input.data(), self.limits.max_line),
+                Line::Incomplete
+            ) {
+                return;
+            }
             self.drain(now);
         }
     }
@@ -528,6 +535,29 @@ mod tests {
         feed(&mut c, b"BLKS 12345");
         assert!(matches!(c.next_step(now), Step::Close));
         assert_eq!(take_out(&mut c), "ERR LINE Too long\n");
+    }
+
+    #[test]
+    fn client_end_does_not_drop_commands_held_back_by_unread_replies() {
+        // Found by reading the code during fuzzing: HELP x100 + BILD, then EOF,
+        // lost BILD once the replies passed OUT_HIGH_WATER.
+        let now = Instant::now();
+        let mut c = conn(now);
+        take_out(&mut c);
+        let mut cmds = b"HELP\n".repeat(100);
+        cmds.extend_from_slice(b"BILD\n");
+        feed(&mut c, &cmds);
+        assert!(matches!(c.next_step(now), Step::Wait));
+        c.client_ended(now);
+        let mut replies = take_out(&mut c);
+        while !matches!(c.state, State::Draining { .. }) {
+            assert!(matches!(c.next_step(now), Step::Wait));
+            c.client_ended(now);
+            replies.push_str(&take_out(&mut c));
+        }
+        replies.push_str(&take_out(&mut c));
+        assert_eq!(replies.matches("OK HELP\n").count(), 100);
+        assert!(replies.ends_with(&format!("OK {}\n", protocol::BUILD)));
     }
 
     #[test]

@@ -442,3 +442,22 @@ fn pipelined_commands_longer_than_the_line_buffer_are_all_answered() {
     c.send(b"QUIT\n");
     c.expect_line_then_eof("OK QUIT");
 }
+
+#[test]
+fn commands_before_eof_are_all_answered_past_64k_of_replies() {
+    // 100 HELPs make more replies than the daemon queues before it stops
+    // reading commands; the client's EOF must not drop the BILD behind them.
+    let (_l, d) = daemon();
+    let (mut c, _) = d.client();
+    let mut cmds = b"HELP\n".repeat(100);
+    cmds.extend_from_slice(b"BILD\n");
+    c.send(&cmds);
+    c.shutdown_write();
+    let all = String::from_utf8_lossy(&c.read_to_eof(dur(5_000))).into_owned();
+    assert_eq!(all.matches("OK HELP\n").count(), 100);
+    let last = all.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("OK ") && last != "OK HELP",
+        "last line {last:?}"
+    );
+}
