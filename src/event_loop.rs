@@ -563,11 +563,7 @@ impl EventLoop {
             return;
         };
         let _ = self.ctx.registry.deregister(&mut s.client.sock);
-        match &mut s.remote {
-            Remote::Tcp(side) => drop(self.ctx.registry.deregister(&mut side.sock)),
-            Remote::Udp(side, _) => drop(self.ctx.registry.deregister(&mut side.sock)),
-            Remote::None | Remote::Resolving => {}
-        }
+        drop_remote(&mut s, &self.ctx.registry);
         let c = &s.conn;
         let up = stat::duration(now.saturating_duration_since(c.started));
         match &c.target {
