@@ -172,6 +172,33 @@ fn sid_act_pid_are_percent_encoded() {
     );
 }
 
+/// The longest fields a command line allows, each character encoded as `%XX`: a
+/// request head of ~12 KB, which must go out whole (the HTTP client's output buffer
+/// is sized to the URL, not fixed).
+#[test]
+fn longest_fields_give_a_whole_request() {
+    let (luup, d) = setup(LuupMode::Ok);
+    let dev = Device::listen();
+    let (mut c, _) = d.client();
+    let (sid, act, pid) = (":".repeat(1300), "/".repeat(1300), "&".repeat(1300));
+    let line = format!("NTFY 31 {sid} {act} {pid}\n");
+    assert!(line.len() < 4096, "within the default max_line");
+    c.send(line.as_bytes());
+    c.expect_line("OK NTFY");
+    assert_eq!(conn_ok(&mut c, &format!("CONN {}", dev.target())), pid);
+    let mut r = Client::from_stream(dev.accept());
+    r.send(b"z");
+    let n = luup.wait_for(1, dur(5_000), "device 31", |_| true);
+    assert!(n[0].line.len() > 11_700, "{} bytes", n[0].line.len());
+    check_request(&n[0], "31", &sid, &act, &pid);
+    let warns: Vec<String> = d
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("WARN"))
+        .collect();
+    assert!(warns.is_empty(), "{warns:?}");
+}
+
 #[test]
 fn ntfy_command_applies_to_a_conn_without_ntfy_option() {
     let (luup, d) = setup(LuupMode::Ok);
