@@ -1314,6 +1314,61 @@ fn notify_samples(d: &Daemon, luup: &Luup, dev: i64, n: usize) -> Res<(Vec<f64>,
     Ok((ntfy, fwd))
 }
 
+/// The machine's floor for the same measure: a thread of this process that
+/// blocks on the remote's socket and, on each message, sends the same GET
+/// to the same fake Luup over a fresh connection (no proxy, no hand-off to a
+/// worker, no client). What any notifier pays here for wake-ups and a TCP
+/// handshake; the daemon's figure over this one is what the proxy adds.
+fn floor_samples(luup: &Luup, dev: i64, n: usize) -> Res<Vec<f64>> {
+    let l = TcpListener::bind((HOST, 0)).map_err(err("bind"))?;
+    let port = l.local_addr().map_err(err("addr"))?.port();
+    let mut r = TcpStream::connect((HOST, port)).map_err(err("connect"))?;
+    r.set_nodelay(true).map_err(err("nodelay"))?;
+    let mut s = accept_timeout(&l, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(err("timeout"))?;
+    let luup_port = luup.port;
+    let path = format!(
+        "GET /data_request?id=action&output_format=json&DeviceNum={dev}&serviceId={SID}\
+         &action={ACTION}&Pid=floor HTTP/1.1\r\nHost: {HOST}:{luup_port}\r\n\
+         User-Agent: floor\r\nConnection: close\r\n\r\n"
+    );
+    let notifier = thread::spawn(move || -> Res<()> {
+        let mut got = [0u8; 10];
+        let mut answer = [0u8; 512];
+        loop {
+            match s.read_exact(&mut got) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(format!("floor read: {e}")),
+            }
+            let mut h = TcpStream::connect((HOST, luup_port)).map_err(err("floor connect"))?;
+            h.set_nodelay(true).map_err(err("nodelay"))?;
+            h.write_all(path.as_bytes()).map_err(err("floor GET"))?;
+            while h.read(&mut answer).map_err(err("floor answer"))? > 0 {}
+        }
+    });
+    let warm = 20;
+    let mut out = Vec::new();
+    for i in 0..warm + n {
+        luup.drain();
+        let t0 = Instant::now();
+        r.write_all(format!("m{i:08}\n").as_bytes())
+            .map_err(err("remote send"))?;
+        let at = luup
+            .wait(dev, Duration::from_secs(5))
+            .ok_or_else(|| format!("floor: no GET for sample {i} within 5 s"))?;
+        if i >= warm {
+            out.push(us(at.saturating_duration_since(t0)));
+        }
+    }
+    drop(r);
+    notifier.join().map_err(|_| "floor thread panicked")??;
+    thread::sleep(Duration::from_millis(50));
+    luup.drain();
+    Ok(out)
+}
+
 /// Background traffic: `k` proxied connections to the echo device, each
 /// echoing 4 KiB every 2 ms (and notifying, PACE=1, as plugins do).
 struct Traffic {
@@ -1373,21 +1428,28 @@ fn phase_latency(cx: &Ctx, d: &Daemon) -> Res<J> {
     println!(
         "Remote send() -> fake Luup has the whole GET; {n} samples after 20 warm-up, one message \
          at a time, the client reads each message. \"Under traffic\": 16 other proxied \
-         connections each echo 4 KiB every 2 ms (NTFY, PACE=1) meanwhile.\n"
+         connections each echo 4 KiB every 2 ms (NTFY, PACE=1) meanwhile. \"Floor\": a \
+         thread of the bench blocks on the remote's socket and sends the same GET itself over \
+         a fresh connection: the wake-ups and handshake any notifier pays on this machine.\n"
     );
+    let floor_quiet = floor_samples(&cx.luup, 3, n)?;
     let (quiet, fwd) = notify_samples(d, &cx.luup, 1, n)?;
     let tr = Traffic::start(d, cx.echo.port, 16)?;
     thread::sleep(Duration::from_millis(100));
     let t0 = Instant::now();
     let loaded = notify_samples(d, &cx.luup, 2, n);
+    let floor_loaded = floor_samples(&cx.luup, 4, n);
     let secs = t0.elapsed().as_secs_f64();
     let moved = tr.finish()?;
     let (loaded, fwd_loaded) = loaded?;
-    let (q, f, l, fl) = (
+    let floor_loaded = floor_loaded?;
+    let (q, f, l, fl, fq, fll) = (
         Dist::of(quiet),
         Dist::of(fwd),
         Dist::of(loaded),
         Dist::of(fwd_loaded),
+        Dist::of(floor_quiet),
+        Dist::of(floor_loaded),
     );
     let traffic_mbs = moved as f64 / secs / 1e6;
     let row = |name: &str, x: &Dist| {
@@ -1403,17 +1465,28 @@ fn phase_latency(cx: &Ctx, d: &Daemon) -> Res<J> {
         &["measure", "samples", "p50 µs", "p99 µs", "max µs"],
         &[
             row("notification, quiet", &q),
+            row("floor (no proxy), quiet", &fq),
             row("notification, under traffic", &l),
+            row("floor (no proxy), under traffic", &fll),
             row("remote -> client data, quiet", &f),
             row("remote -> client data, under traffic", &fl),
         ],
     );
     println!(
-        "\n(background traffic during the loaded run: {traffic_mbs:.1} MB/s through the proxy)"
+        "\nnotification / floor: quiet p50 x{:.2}, p99 x{:.2}; under traffic p50 x{:.2}, p99 x{:.2}",
+        q.p50 / fq.p50,
+        q.p99 / fq.p99,
+        l.p50 / fll.p50,
+        l.p99 / fll.p99
+    );
+    println!(
+        "(background traffic during the loaded runs: {traffic_mbs:.1} MB/s through the proxy)"
     );
     Ok(J::obj()
         .with("quiet", q.json())
         .with("under_traffic", l.json())
+        .with("floor_quiet", fq.json())
+        .with("floor_under_traffic", fll.json())
         .with("forward_quiet", f.json())
         .with("forward_under_traffic", fl.json())
         .with("traffic_mb_per_s", round(traffic_mbs, 1)))
