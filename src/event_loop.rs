@@ -169,6 +169,13 @@ fn reported_error<S>(
 impl<S: Read> Side<S> {
     /// One read into `buf`, at most `limit` bytes; returns the count.
     fn read_into(&mut self, buf: &mut Buffer, limit: usize) -> io::Result<usize> {
+        let read = self.read_some(buf, limit);
+        // A read that found nothing gives the storage back.
+        buf.idle();
+        read
+    }
+
+    fn read_some(&mut self, buf: &mut Buffer, limit: usize) -> io::Result<usize> {
         let space = buf.space();
         let space = space.get_mut(..limit.min(space.len())).unwrap_or_default();
         if space.is_empty() {
@@ -1057,6 +1064,7 @@ fn pump(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) -> io::Result<
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(e),
                     }
+                    to_client.idle();
                 }
             }
             Remote::None | Remote::Resolving => return Ok(Verdict::Continue),
