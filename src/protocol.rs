@@ -240,7 +240,20 @@ impl fmt::Display for CmdError {
         match self {
             CmdError::Invalid => f.write_str("ERR INVALID COMMAND"),
             CmdError::TooLong => f.write_str("ERR LINE Too long"),
-            CmdError::Conn(reason) => write!(f, "ERR CONN {reason}"),
+            CmdError::Conn(reason) => {
+                // The reason may quote the client's words: control characters
+                // (a stray CR, an escape sequence) are shown escaped, so the
+                // reply stays one printable line on a terminal.
+                f.write_str("ERR CONN ")?;
+                for c in reason.chars() {
+                    if c.is_control() {
+                        write!(f, "{}", c.escape_default())?;
+                    } else {
+                        write!(f, "{c}")?;
+                    }
+                }
+                Ok(())
+            }
             CmdError::Blks => f.write_str("ERR BLKS Invalid block size"),
             CmdError::Rtim => f.write_str("ERR RTIM Invalid timeout"),
             CmdError::Pace => f.write_str("ERR PACE Invalid pace"),
@@ -609,6 +622,11 @@ mod tests {
         assert_eq!(
             err(&["h:1", "FOO=1"]),
             Some("ERR CONN Invalid option FOO=1".into())
+        );
+        // Control characters quoted back are escaped: one printable line.
+        assert_eq!(
+            err(&["h:1", "A\rB\u{1b}[2J"]),
+            Some("ERR CONN Invalid option A\\rB\\u{1b}[2J".into())
         );
         assert!(err(&["h:1", "RTIM=x"]).is_some());
         assert!(err(&["h:1", "BLKS=0"]).is_some());
