@@ -49,6 +49,12 @@ fn text(o: &std::process::Output) -> String {
     )
 }
 
+/// Checks the exit code of a run; `what` heads the failure message, with the output.
+#[track_caller]
+fn assert_exit(o: &std::process::Output, code: i32, what: &str) {
+    assert_eq!(o.status.code(), Some(code), "{what}; output:\n{}", text(o));
+}
+
 #[test]
 fn bad_command_line_exits_2_with_usage() {
     for a in [
@@ -60,12 +66,7 @@ fn bad_command_line_exits_2_with_usage() {
         &["-Q", "-p", "0"],
     ] {
         let o = run_to_exit(a, dur(5_000));
-        assert_eq!(
-            o.status.code(),
-            Some(2),
-            "exit code for {a:?}; output:\n{}",
-            text(&o)
-        );
+        assert_exit(&o, 2, &format!("exit code for {a:?}"));
         let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
         assert!(
             err.contains("usage"),
@@ -78,24 +79,14 @@ fn bad_command_line_exits_2_with_usage() {
 fn help_and_version_exit_0() {
     for a in ["-h", "--help"] {
         let o = run_to_exit(&[a], dur(5_000));
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "exit code for {a}; output:\n{}",
-            text(&o)
-        );
+        assert_exit(&o, 0, &format!("exit code for {a}"));
         let t = text(&o);
         for opt in ["-c", "-a", "-p", "-L", "-N", "-D"] {
             assert!(t.contains(opt), "{a} output does not mention {opt}:\n{t}");
         }
     }
     let o = run_to_exit(&["--version"], dur(5_000));
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "--version exit code; output:\n{}",
-        text(&o)
-    );
+    assert_exit(&o, 0, "--version exit code");
     assert!(
         text(&o).bytes().any(|b| b.is_ascii_digit()),
         "--version printed no version: {:?}",
@@ -111,12 +102,7 @@ fn port_in_use_exits_1_with_a_clear_line() {
         &["-a", "127.0.0.1", "-p", &port, "-N", "http://127.0.0.1:9"],
         dur(10_000),
     );
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "exit code with port {port} in use; output:\n{}",
-        text(&o)
-    );
+    assert_exit(&o, 1, &format!("exit code with port {port} in use"));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.lines()
@@ -144,11 +130,10 @@ fn port_in_use_exits_1_with_a_clear_line() {
         ],
         dur(10_000),
     );
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "exit code with [direct] port {port} in use; output:\n{}",
-        text(&o)
+    assert_exit(
+        &o,
+        1,
+        &format!("exit code with [direct] port {port} in use"),
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -165,12 +150,7 @@ fn bad_address_exits_non_zero_with_a_clear_line() {
         &["-a", "192.0.2.1", "-p", "0", "-N", "http://127.0.0.1:9"],
         dur(10_000),
     );
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "exit code for -a 192.0.2.1; output:\n{}",
-        text(&o)
-    );
+    assert_exit(&o, 1, "exit code for -a 192.0.2.1");
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("192.0.2.1"),
@@ -208,12 +188,7 @@ fn unreadable_or_garbage_config_exits_1() {
     let badip = s.file("badip.ini", "[host]\nip=999.1.1.1\n");
     for f in [&missing, &dir, &badport, &bigport, &baddirect, &badip] {
         let o = run_to_exit(&["-a", "127.0.0.1", "-p", "0", "-c", f], dur(10_000));
-        assert_eq!(
-            o.status.code(),
-            Some(1),
-            "exit code for config {f}; output:\n{}",
-            text(&o)
-        );
+        assert_exit(&o, 1, &format!("exit code for config {f}"));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!err.trim().is_empty(), "nothing on stderr for config {f}");
         assert!(

@@ -4,7 +4,7 @@
 
 use crate::util::*;
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, UdpSocket};
+use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -16,18 +16,6 @@ fn daemon() -> (FakeLuup, Daemon) {
     let luup = FakeLuup::start();
     let d = Daemon::start(&luup.url());
     (luup, d)
-}
-
-/// Connects a client through the daemon to `dev`; returns the client and the device's
-/// side of the connection (as a `Client`, for its deadline-bound reads).
-fn through(d: &Daemon, dev: &Device, options: &str) -> (Client, Client) {
-    let (mut c, _) = d.client();
-    conn_ok(
-        &mut c,
-        format!("CONN {} {options}", dev.target()).trim_end(),
-    );
-    let r = Client::from_stream(dev.accept());
-    (c, r)
 }
 
 fn check_same(what: &str, got: &[u8], want: &[u8]) {
@@ -44,6 +32,27 @@ fn check_same(what: &str, got: &[u8], want: &[u8]) {
             want.len(),
             fnv1a(want)
         );
+    }
+}
+
+/// Reads `s` to EOF as a slow reader does, 8 KiB at a time with a pause after each
+/// read (the pacing of a slow reader, not a wait); returns `got` with all it read
+/// appended. Each read may wait 10 s, the whole at most 120 s (scaled).
+#[track_caller]
+fn read_slowly_to_eof(mut got: Vec<u8>, mut s: TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(dur(10_000))).expect("timeout");
+    let mut chunk = vec![0u8; 8192];
+    let start = Instant::now();
+    loop {
+        let n = s
+            .read(&mut chunk)
+            .unwrap_or_else(|e| panic!("read after {} bytes: {e}", got.len()));
+        if n == 0 {
+            return got;
+        }
+        got.extend_from_slice(&chunk[..n]);
+        thread::sleep(Duration::from_micros(500));
+        assert!(start.elapsed() < dur(120_000), "slow read took too long");
     }
 }
 
@@ -127,22 +136,10 @@ fn slow_reader_receives_4mib_with_nothing_lost() {
     // drops what the client cannot take loses bytes here).
     thread::sleep(Duration::from_millis(500));
     // Then read slowly, 8 KiB at a time.
-    let mut got: Vec<u8> = c.buf.drain(..).collect();
-    let mut s = c.stream.try_clone().expect("clone");
-    s.set_read_timeout(Some(dur(10_000))).expect("timeout");
-    let mut chunk = vec![0u8; 8192];
-    let start = Instant::now();
-    loop {
-        let n = s
-            .read(&mut chunk)
-            .unwrap_or_else(|e| panic!("read after {} bytes: {e}", got.len()));
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&chunk[..n]);
-        thread::sleep(Duration::from_micros(500)); // the pacing of a slow reader, not a wait
-        assert!(start.elapsed() < dur(120_000), "slow read took too long");
-    }
+    let got = read_slowly_to_eof(
+        c.buf.drain(..).collect(),
+        c.stream.try_clone().expect("clone"),
+    );
     writer.join().expect("writer thread").expect("device write");
     check_same("bytes at the slow client", &got, &data);
 }
@@ -162,22 +159,7 @@ fn slow_remote_receives_4mib_with_nothing_lost() {
     // The remote reads nothing for a while, then slowly (the pacing of a slow
     // device, not a wait for a result).
     thread::sleep(Duration::from_millis(500));
-    let mut s = r.stream.try_clone().expect("clone");
-    s.set_read_timeout(Some(dur(10_000))).expect("timeout");
-    let mut got = Vec::new();
-    let mut chunk = vec![0u8; 8192];
-    let start = Instant::now();
-    loop {
-        let n = s
-            .read(&mut chunk)
-            .unwrap_or_else(|e| panic!("read after {} bytes: {e}", got.len()));
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&chunk[..n]);
-        thread::sleep(Duration::from_micros(500));
-        assert!(start.elapsed() < dur(120_000), "slow read took too long");
-    }
+    let got = read_slowly_to_eof(Vec::new(), r.stream.try_clone().expect("clone"));
     writer.join().expect("writer thread").expect("client write");
     check_same("bytes at the slow remote", &got, &data);
 }

@@ -16,42 +16,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
-
-const TOP: &str = env!("CARGO_MANIFEST_DIR");
-
-fn top(rel: &str) -> PathBuf {
-    Path::new(TOP).join(rel)
-}
-
-fn bin() -> PathBuf {
-    match std::env::var_os("SOCKPROXYD_BIN") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_BIN_EXE_sockproxyd")),
-    }
-}
-
-fn runner() -> String {
-    std::env::var("SOCKPROXYD_RUNNER")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
-/// Whether `sh` finds `cmd`, looking where init scripts look too.
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args([
-            "-c",
-            "PATH=/sbin:/usr/sbin:$PATH command -v \"$1\"",
-            "sh",
-            cmd,
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
+use std::time::Duration;
 
 /// A scratch directory, removed on drop.
 struct Scratch(PathBuf);
@@ -89,10 +54,6 @@ impl Drop for Scratch {
     }
 }
 
-fn s(p: &Path) -> String {
-    p.to_string_lossy().to_string()
-}
-
 /// What a script run printed and how it ended.
 struct Ran {
     code: Option<i32>,
@@ -113,21 +74,13 @@ fn run(mut cmd: Command, dir: &Scratch, timeout: Duration) -> Ran {
         .stderr(f2)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{cmd:?} did not finish within {timeout:?}; it printed:\n{}",
-                fs::read_to_string(&out_path).unwrap_or_default()
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
+    let (status, timed_out) = wait_within(&mut child, timeout);
+    if timed_out {
+        panic!(
+            "{cmd:?} did not finish within {timeout:?}; it printed:\n{}",
+            fs::read_to_string(&out_path).unwrap_or_default()
+        );
+    }
     Ran {
         code: status.code(),
         out: fs::read_to_string(&out_path).unwrap_or_default(),
@@ -289,11 +242,11 @@ fn sysv<'a>(dir: &'a Scratch, config: &Path, ssd: bool, defaults_file: bool) -> 
     let pidfile = dir.path("run/sockproxyd.pid");
     let logfile = dir.path("log/sockproxyd.log");
     let settings = [
-        ("DAEMON", s(&bin())),
+        ("DAEMON", s(&bin_path())),
         ("CONFIG", s(config)),
         ("PIDFILE", s(&pidfile)),
         ("LOGFILE", s(&logfile)),
-        ("RUNNER", runner()),
+        ("RUNNER", runner_line()),
         ("START_TIMEOUT", (10 * scale()).to_string()),
         (
             "START_STOP_DAEMON",
@@ -335,7 +288,7 @@ fn sysv<'a>(dir: &'a Scratch, config: &Path, ssd: bool, defaults_file: bool) -> 
 
 #[test]
 fn sysv_start_status_stop_with_start_stop_daemon() {
-    if !have("start-stop-daemon") {
+    if !have_for_init_scripts("start-stop-daemon") {
         eprintln!("skipping: no start-stop-daemon (the nohup test covers the fallback)");
         return;
     }
@@ -408,13 +361,17 @@ fn rc_common(shell: &str, dir: &Scratch, script: &str, action: &str) -> Command 
 fn vera<'a>(dir: &'a Scratch, config: &Path, shell: &'static str) -> Service<'a> {
     let pidfile = dir.path("sockproxyd.pid");
     let logfile = dir.path("sockproxyd.log");
-    let prog = if runner().is_empty() {
-        bin()
+    let prog = if runner_line().is_empty() {
+        bin_path()
     } else {
         // PROG is one path: a wrapper named like the binary, which execs the runner.
         let w = dir.write(
             "wrap/sockproxyd",
-            &format!("#!/bin/sh\nexec {} '{}' \"$@\"\n", runner(), s(&bin())),
+            &format!(
+                "#!/bin/sh\nexec {} '{}' \"$@\"\n",
+                runner_line(),
+                s(&bin_path())
+            ),
         );
         fs::set_permissions(&w, fs::Permissions::from_mode(0o755)).expect("chmod");
         w
@@ -454,7 +411,7 @@ fn vera_start_status_stop() {
 
 #[test]
 fn vera_start_status_stop_under_busybox_ash() {
-    if !have("busybox") {
+    if !have_for_init_scripts("busybox") {
         eprintln!("skipping: no busybox (apt-get install busybox) to run the Vera script in ash");
         return;
     }

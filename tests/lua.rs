@@ -6,72 +6,24 @@
 use crate::util::*;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::Shutdown;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::mpsc::channel;
 use std::thread;
-use std::time::{Duration, Instant};
-
-fn lua() -> Option<String> {
-    let lua = std::env::var("LUA").unwrap_or_else(|_| "lua5.1".to_string());
-    match Command::new(&lua).args(["-e", "require 'socket'"]).output() {
-        Ok(o) if o.status.success() => Some(lua),
-        Ok(o) => {
-            eprintln!(
-                "skipping: {lua} cannot load LuaSocket (apt-get install lua-socket): {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("skipping: cannot run {lua} (apt-get install lua5.1 lua-socket): {e}");
-            None
-        }
-    }
-}
+use std::time::Duration;
 
 fn script(name: &str) -> String {
     format!("{}/tests/lua/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Runs a script to completion; kills it after `timeout`.
+/// Runs a script to completion; kills it after `timeout` and says so, leaving the
+/// verdict to the test's checks of what it printed.
 fn run_lua(lua: &str, args: &[String], timeout: Duration) -> Output {
-    let mut child = Command::new(lua)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn lua");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let st = child.wait().expect("wait");
-            eprintln!("lua script killed after {timeout:?}");
-            break st;
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: t_out.join().expect("join"),
-        stderr: t_err.join().expect("join"),
+    let (output, timed_out) =
+        output_within(Command::new(lua).args(args), timeout).expect("spawn lua");
+    if timed_out {
+        eprintln!("lua script killed after {timeout:?}");
     }
+    output
 }
 
 #[test]

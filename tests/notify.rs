@@ -250,12 +250,7 @@ fn invalid_device_means_no_notifications() {
     run("");
     // A control connection afterwards, with a valid device: its final notification
     // marks the point by which any stray notification would have been sent.
-    let (mut c, _) = d.client();
-    conn_ok(
-        &mut c,
-        &format!("CONN {} NTFY=1/urn:x:serviceId:Y1/Act/ctl", dev.target()),
-    );
-    let mut r = Client::from_stream(dev.accept());
+    let (mut c, mut r) = through(&d, &dev, "NTFY=1/urn:x:serviceId:Y1/Act/ctl");
     r.send(b"c");
     r.shutdown_write();
     assert_eq!(c.read_to_eof(dur(5_000)), b"c");
@@ -281,12 +276,7 @@ fn invalid_device_means_no_notifications() {
 fn notification_at_remote_eof_and_final_after_the_end() {
     let (luup, d) = setup(LuupMode::Ok);
     let dev = Device::listen();
-    let (mut c, _) = d.client();
-    conn_ok(
-        &mut c,
-        &format!("CONN {} NTFY=2/urn:x:serviceId:Y1/Act/fin", dev.target()),
-    );
-    let mut r = Client::from_stream(dev.accept());
+    let (mut c, mut r) = through(&d, &dev, "NTFY=2/urn:x:serviceId:Y1/Act/fin");
     r.send(b"abc");
     luup.wait_pid("fin", 1, dur(5_000));
     assert_eq!(c.read_n(3, dur(5_000)), b"abc");
@@ -346,15 +336,7 @@ fn final_notification_when_rtim_ends_a_silent_connection() {
 fn pace_sends_the_first_at_once_and_holds_the_rest_to_the_window_end() {
     let (luup, d) = setup(LuupMode::Ok);
     let dev = Device::listen();
-    let (mut c, _) = d.client();
-    conn_ok(
-        &mut c,
-        &format!(
-            "CONN {} NTFY=2/urn:x:serviceId:Y1/Act/pace PACE=1",
-            dev.target()
-        ),
-    );
-    let mut r = Client::from_stream(dev.accept());
+    let (mut c, mut r) = through(&d, &dev, "NTFY=2/urn:x:serviceId:Y1/Act/pace PACE=1");
     let t0 = Instant::now();
     r.send(b"a");
     let first = luup.wait_pid("pace", 1, dur(5_000))[0].clone();
@@ -395,15 +377,7 @@ fn pace_sends_the_first_at_once_and_holds_the_rest_to_the_window_end() {
 fn pace_zero_notifies_each_batch_promptly() {
     let (luup, d) = setup(LuupMode::Ok);
     let dev = Device::listen();
-    let (mut c, _) = d.client();
-    conn_ok(
-        &mut c,
-        &format!(
-            "CONN {} NTFY=2/urn:x:serviceId:Y1/Act/p0 PACE=0",
-            dev.target()
-        ),
-    );
-    let mut r = Client::from_stream(dev.accept());
+    let (mut c, mut r) = through(&d, &dev, "NTFY=2/urn:x:serviceId:Y1/Act/p0 PACE=0");
     for i in 1..=3 {
         let t = Instant::now();
         r.send(b"k");
@@ -421,12 +395,7 @@ fn pace_zero_notifies_each_batch_promptly() {
 fn at_most_one_notification_waits_per_connection() {
     let (luup, d) = setup(LuupMode::Stall);
     let dev = Device::listen();
-    let (mut c, _) = d.client();
-    conn_ok(
-        &mut c,
-        &format!("CONN {} NTFY=6/urn:x:serviceId:Y1/Act/co", dev.target()),
-    );
-    let mut r = Client::from_stream(dev.accept());
+    let (mut c, mut r) = through(&d, &dev, "NTFY=6/urn:x:serviceId:Y1/Act/co");
     r.send(b"0");
     luup.wait_pid("co", 1, dur(5_000));
     assert_eq!(c.read_n(1, dur(1_000)), b"0");
@@ -499,12 +468,7 @@ fn a_notification_luup_never_answers_gives_up_after_5s() {
     // behind it gets its turn; a dead endpoint must not stop notifications for good.
     let (luup, d) = setup(LuupMode::Stall);
     let dev = Device::listen();
-    let (mut c, _) = d.client();
-    conn_ok(
-        &mut c,
-        &format!("CONN {} NTFY=8/urn:x:serviceId:Y1/Act/to", dev.target()),
-    );
-    let mut r = Client::from_stream(dev.accept());
+    let (mut c, mut r) = through(&d, &dev, "NTFY=8/urn:x:serviceId:Y1/Act/to");
     r.send(b"1");
     let first = luup.wait_pid("to", 1, dur(5_000))[0].clone();
     assert_eq!(c.read_n(1, dur(1_000)), b"1");
@@ -525,15 +489,7 @@ fn a_notification_luup_never_answers_gives_up_after_5s() {
 fn warns_once(mode: LuupMode) {
     let (luup, d) = setup(mode);
     let dev = Device::listen();
-    let (mut c, _) = d.client();
-    conn_ok(
-        &mut c,
-        &format!(
-            "CONN {} NTFY=4/urn:x:serviceId:Nope1/Missing/w1",
-            dev.target()
-        ),
-    );
-    let mut r = Client::from_stream(dev.accept());
+    let (mut c, mut r) = through(&d, &dev, "NTFY=4/urn:x:serviceId:Nope1/Missing/w1");
     for i in 1..=3 {
         r.send(b"d");
         luup.wait_pid("w1", i, dur(5_000));

@@ -7,6 +7,8 @@
 //! - `Client`: a command-port connection with deadline-bound reads.
 //! - `Device`, `EchoDevice`, `NeverAccepts`: fake remotes that count what they saw.
 //! - `FakeLuup`: the HTTP endpoint notifications go to; records every request.
+//! - For the script tests: `lua()`, `have()`, `top()`, and `output_within` /
+//!   `wait_within`, which run a command to its end or kill it at a deadline.
 //! - Deadlines (`wait_until`, `dur`), payloads and an FNV-1a hash.
 //!
 //! # Out of scope
@@ -156,18 +158,160 @@ pub fn is_strictly_encoded(s: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------
-// The binary
+// The binary, the tree and the tools
 
-fn runner() -> Vec<String> {
+/// `SOCKPROXYD_RUNNER` as written (trimmed): the shell text that runs a target binary,
+/// empty without a runner. Init scripts and wrapper scripts get it as is.
+pub fn runner_line() -> String {
     std::env::var("SOCKPROXYD_RUNNER")
-        .map(|r| r.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
-fn bin_path() -> PathBuf {
+/// `SOCKPROXYD_RUNNER` split into the program and its arguments (empty without one).
+fn runner() -> Vec<String> {
+    runner_line()
+        .split_whitespace()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The daemon under test: `SOCKPROXYD_BIN`, else the binary cargo built.
+pub fn bin_path() -> PathBuf {
     match std::env::var_os("SOCKPROXYD_BIN") {
         Some(p) if !p.is_empty() => PathBuf::from(p),
         _ => PathBuf::from(env!("CARGO_BIN_EXE_sockproxyd")),
+    }
+}
+
+/// `rel` in the source tree (scripts, fixtures).
+pub fn top(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+/// A path as text, for scripts and command lines.
+pub fn s(p: &Path) -> String {
+    p.to_string_lossy().to_string()
+}
+
+/// Whether `sh` finds `cmd` on the test's own PATH.
+pub fn have(cmd: &str) -> bool {
+    sh_finds(cmd, "command -v \"$1\"")
+}
+
+/// Whether `sh` finds `cmd`, looking where init scripts look too (`/sbin`, `/usr/sbin`
+/// before PATH), for the tools an init script may call (start-stop-daemon).
+pub fn have_for_init_scripts(cmd: &str) -> bool {
+    sh_finds(cmd, "PATH=/sbin:/usr/sbin:$PATH command -v \"$1\"")
+}
+
+fn sh_finds(cmd: &str, script: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", script, "sh", cmd])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The Lua interpreter with LuaSocket (`LUA`, default `lua5.1`), or `None` with the
+/// reason printed, for tests that skip without it.
+pub fn lua() -> Option<String> {
+    let lua = std::env::var("LUA").unwrap_or_else(|_| "lua5.1".to_string());
+    match Command::new(&lua).args(["-e", "require 'socket'"]).output() {
+        Ok(o) if o.status.success() => Some(lua),
+        Ok(o) => {
+            eprintln!(
+                "skipping: {lua} cannot load LuaSocket (apt-get install lua-socket): {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipping: cannot run {lua} (apt-get install lua5.1 lua-socket): {e}");
+            None
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Running a command to its end
+
+/// Waits for `child` to exit, polling; kills and reaps it once `timeout` has passed.
+/// Returns its exit status and whether it was killed for the timeout; what a timeout
+/// means is the caller's to say.
+pub fn wait_within(child: &mut Child, timeout: Duration) -> (ExitStatus, bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            return (st, false);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            return (child.wait().expect("wait after kill"), true);
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `cmd` with no stdin, collecting stdout and stderr (each read on a thread of its
+/// own, so neither pipe fills); kills it after `timeout`. Returns what it left and
+/// whether it was killed for the timeout. After a kill the output is what arrived
+/// within another second: a process it started may hold the pipes open for longer.
+/// `Err` when it cannot be started.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> io::Result<(Output, bool)> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = chunks_on_thread(child.stdout.take().expect("stdout"));
+    let err = chunks_on_thread(child.stderr.take().expect("stderr"));
+    let (status, timed_out) = wait_within(&mut child, timeout);
+    let until = timed_out.then(|| Instant::now() + Duration::from_secs(1));
+    let output = Output {
+        status,
+        stdout: collect_chunks(&out, until),
+        stderr: collect_chunks(&err, until),
+    };
+    Ok((output, timed_out))
+}
+
+/// Reads `r` to EOF on a thread of its own, passing each chunk on as it comes.
+fn chunks_on_thread(mut r: impl Read + Send + 'static) -> Receiver<Vec<u8>> {
+    let (tx, rx) = channel();
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 8192];
+        loop {
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    });
+    rx
+}
+
+/// The chunks from `rx` up to the reader's EOF, or only those that came by `until`.
+fn collect_chunks(rx: &Receiver<Vec<u8>>, until: Option<Instant>) -> Vec<u8> {
+    let mut v = Vec::new();
+    loop {
+        let chunk = match until {
+            None => rx.recv().ok(),
+            Some(t) => rx
+                .recv_timeout(t.saturating_duration_since(Instant::now()))
+                .ok(),
+        };
+        match chunk {
+            Some(c) => v.extend_from_slice(&c),
+            None => return v,
+        }
     }
 }
 
@@ -190,41 +334,12 @@ pub fn command(args: &[String]) -> Command {
 #[track_caller]
 pub fn run_to_exit(args: &[&str], timeout: Duration) -> Output {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let mut child = command(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let (output, timed_out) = output_within(&mut command(&args), timeout)
         .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", bin_path()));
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let t_err = thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("sockproxyd {args:?} did not exit within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: t_out.join().expect("stdout thread"),
-        stderr: t_err.join().expect("stderr thread"),
+    if timed_out {
+        panic!("sockproxyd {args:?} did not exit within {timeout:?}");
     }
+    output
 }
 
 // ---------------------------------------------------------------------------------------
@@ -806,13 +921,44 @@ pub fn conn_ok(c: &mut Client, line: &str) -> String {
         .to_string()
 }
 
+/// Connects a client through the daemon to `dev` with `CONN <dev> <options>`; returns
+/// the client and the device's side of the connection (as a `Client`, for its
+/// deadline-bound reads).
+#[track_caller]
+pub fn through(d: &Daemon, dev: &Device, options: &str) -> (Client, Client) {
+    let (mut c, _) = d.client();
+    conn_ok(
+        &mut c,
+        format!("CONN {} {options}", dev.target()).trim_end(),
+    );
+    let r = Client::from_stream(dev.accept());
+    (c, r)
+}
+
 /// A TCP connection with a small receive buffer (set before connect, so the window is
 /// small from the start): a slow reader whose kernel cannot hide the slowness.
 pub fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: i32) -> TcpStream {
     let SocketAddr::V4(v4) = addr else {
         panic!("IPv4 only")
     };
+    let fd = socket_with_rcvbuf(rcvbuf);
     // SAFETY: plain socket calls on a fd we own; it is handed to TcpStream at the end.
+    unsafe {
+        let sa = sockaddr_in(v4);
+        let r = libc::connect(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "connect {addr}: {}", io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// A new IPv4 TCP socket (close-on-exec) with SO_RCVBUF set to `rcvbuf`; the caller
+/// owns the fd.
+fn socket_with_rcvbuf(rcvbuf: i32) -> RawFd {
+    // SAFETY: socket(2) and setsockopt(2) with a pointer to a live i32 and its size.
     unsafe {
         let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
@@ -824,14 +970,7 @@ pub fn connect_small_rcvbuf(addr: SocketAddr, rcvbuf: i32) -> TcpStream {
             std::mem::size_of::<i32>() as libc::socklen_t,
         );
         assert_eq!(r, 0, "SO_RCVBUF: {}", io::Error::last_os_error());
-        let sa = sockaddr_in(v4);
-        let r = libc::connect(
-            fd,
-            (&sa as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(r, 0, "connect {addr}: {}", io::Error::last_os_error());
-        TcpStream::from_raw_fd(fd)
+        fd
     }
 }
 
@@ -867,18 +1006,9 @@ impl Device {
     /// socket, so accepted ones inherit it from the start): a slow reader whose
     /// kernel cannot hide the slowness.
     pub fn listen_small_rcvbuf(rcvbuf: i32) -> Device {
+        let fd = socket_with_rcvbuf(rcvbuf);
         // SAFETY: plain socket calls on a fd we own; it is handed to TcpListener.
         let l = unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
-            let r = libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUF,
-                (&rcvbuf as *const i32).cast(),
-                std::mem::size_of::<i32>() as libc::socklen_t,
-            );
-            assert_eq!(r, 0, "SO_RCVBUF: {}", io::Error::last_os_error());
             let sa = sockaddr_in(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
             let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
             let r = libc::bind(fd, (&sa as *const libc::sockaddr_in).cast(), len);

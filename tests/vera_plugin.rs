@@ -22,74 +22,23 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
 
-const TOP: &str = env!("CARGO_MANIFEST_DIR");
 const SID: &str = "urn:toggledbits-com:serviceId:SockProxy1";
 const DEVICE: u32 = 17;
-
-fn top(rel: &str) -> PathBuf {
-    Path::new(TOP).join(rel)
-}
-
-fn s(p: &Path) -> String {
-    p.to_string_lossy().to_string()
-}
-
-fn lua() -> Option<String> {
-    let lua = std::env::var("LUA").unwrap_or_else(|_| "lua5.1".to_string());
-    match Command::new(&lua).args(["-e", "require 'socket'"]).output() {
-        Ok(o) if o.status.success() => Some(lua),
-        Ok(o) => {
-            eprintln!(
-                "skipping: {lua} cannot load LuaSocket (apt-get install lua-socket): {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("skipping: cannot run {lua} (apt-get install lua5.1 lua-socket): {e}");
-            None
-        }
-    }
-}
-
-fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", "command -v \"$1\"", "sh", cmd])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 /// The shell that runs init scripts: busybox ash, as on a Vera, where installed.
 fn rc_shell() -> &'static str {
     if have("busybox") { "busybox sh" } else { "sh" }
 }
 
-fn bin() -> PathBuf {
-    match std::env::var_os("SOCKPROXYD_BIN") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_BIN_EXE_sockproxyd")),
-    }
-}
-
-fn runner() -> String {
-    std::env::var("SOCKPROXYD_RUNNER")
-        .unwrap_or_default()
-        .trim()
-        .to_string()
-}
-
 /// What the plugin would find uploaded: the daemon itself, or under a runner a
 /// script that runs it there.
 fn upload_bytes() -> Vec<u8> {
-    let r = runner();
+    let r = runner_line();
     if r.is_empty() {
-        fs::read(bin()).expect("read the daemon binary")
+        fs::read(bin_path()).expect("read the daemon binary")
     } else {
-        format!("#!/bin/sh\nexec {r} '{}' \"$@\"\n", s(&bin())).into_bytes()
+        format!("#!/bin/sh\nexec {r} '{}' \"$@\"\n", s(&bin_path())).into_bytes()
     }
 }
 
@@ -305,18 +254,10 @@ impl Root {
             .stderr(File::create(&err_path).expect("err file"))
             .spawn()
             .expect("spawn lua");
-        let deadline = Instant::now() + dur(120_000);
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("try_wait") {
-                break st;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("run.lua {steps:?} did not finish within {:?}", dur(120_000));
-            }
-            thread::sleep(Duration::from_millis(20));
-        };
+        let (status, timed_out) = wait_within(&mut child, dur(120_000));
+        if timed_out {
+            panic!("run.lua {steps:?} did not finish within {:?}", dur(120_000));
+        }
         let ran = Ran {
             ok: status.success(),
             out: fs::read_to_string(&out_path).unwrap_or_default(),
@@ -597,7 +538,7 @@ fn fresh_install_plain_then_second_start_changes_nothing() {
     assert_eq!(ran.failures(), ["0"]);
     let pid = r.pid().expect("pid file");
     // Under a runner the installed "daemon" is a script that execs it.
-    let want = if runner().is_empty() {
+    let want = if runner_line().is_empty() {
         r.path("usr/bin/sockproxyd")
     } else {
         r.dir.clone()
