@@ -95,8 +95,8 @@ impl Buffer {
         self.len() == self.capacity
     }
 
-    /// Whether storage is held (for tests and memory accounting).
-    pub fn holds_storage(&self) -> bool {
+    /// Whether storage is held.
+    fn holds_storage(&self) -> bool {
         !self.buf.is_empty()
     }
 

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use crate::acl::AddrList;
 use crate::ini;
-use crate::protocol::{self, ConnRequest, Limits, Settings};
+use crate::protocol::{self, ConnRequest, Limits, OneLine, Settings};
 
 pub const DEFAULT_PORT: u16 = 2504;
 pub const DEFAULT_VERA: &str = "http://127.0.0.1:3480";
@@ -110,18 +110,9 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            // One line whatever a path or an argument holds: control
-            // characters (a newline in an argument) are shown escaped.
-            ConfigError::Usage(m) | ConfigError::File(m) => {
-                for c in m.chars() {
-                    if c.is_control() {
-                        write!(f, "{}", c.escape_default())?;
-                    } else {
-                        f.write_fmt(format_args!("{c}"))?;
-                    }
-                }
-                Ok(())
-            }
+            // One line whatever a path or an argument holds (a newline in an
+            // argument).
+            ConfigError::Usage(m) | ConfigError::File(m) => write!(f, "{}", OneLine(m)),
         }
     }
 }

@@ -130,25 +130,32 @@ fn encode(s: &str) -> String {
     out
 }
 
-/// The jobs waiting for a worker, and whether the loop has finished.
+/// The jobs waiting for a worker; `ready` wakes one when a job comes.
 #[derive(Default)]
 struct Queue {
-    jobs: Mutex<(VecDeque<Arc<Job>>, bool)>,
+    jobs: Mutex<Jobs>,
     ready: Condvar,
+}
+
+#[derive(Default)]
+struct Jobs {
+    waiting: VecDeque<Arc<Job>>,
+    /// The loop has finished: workers leave once `waiting` is empty.
+    finished: bool,
 }
 
 impl Queue {
     /// The next job; `None` once the loop has finished and nothing is left.
     fn next(&self) -> Option<Arc<Job>> {
-        let mut q = self.jobs.lock().ok()?;
+        let mut jobs = self.jobs.lock().ok()?;
         loop {
-            if let Some(job) = q.0.pop_front() {
+            if let Some(job) = jobs.waiting.pop_front() {
                 return Some(job);
             }
-            if q.1 {
+            if jobs.finished {
                 return None;
             }
-            q = self.ready.wait(q).ok()?;
+            jobs = self.ready.wait(jobs).ok()?;
         }
     }
 }
@@ -181,17 +188,17 @@ impl Notifier {
     pub fn send(&self, job: Arc<Job>) {
         // A worker that panicked while holding the lock poisons it; the loop
         // goes on without notifications rather than stopping.
-        if let Ok(mut q) = self.queue.jobs.lock() {
-            q.0.push_back(job);
-            drop(q);
+        if let Ok(mut jobs) = self.queue.jobs.lock() {
+            jobs.waiting.push_back(job);
+            drop(jobs);
             self.queue.ready.notify_one();
         }
     }
 
     /// Lets the workers send what is queued, waiting at most `wait`.
     pub fn finish(&mut self, wait: Duration) {
-        if let Ok(mut q) = self.queue.jobs.lock() {
-            q.1 = true;
+        if let Ok(mut jobs) = self.queue.jobs.lock() {
+            jobs.finished = true;
         }
         self.queue.ready.notify_all();
         let deadline = Instant::now() + wait;

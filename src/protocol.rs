@@ -240,24 +240,31 @@ impl fmt::Display for CmdError {
         match self {
             CmdError::Invalid => f.write_str("ERR INVALID COMMAND"),
             CmdError::TooLong => f.write_str("ERR LINE Too long"),
-            CmdError::Conn(reason) => {
-                // The reason may quote the client's words: control characters
-                // (a stray CR, an escape sequence) are shown escaped, so the
-                // reply stays one printable line on a terminal.
-                f.write_str("ERR CONN ")?;
-                for c in reason.chars() {
-                    if c.is_control() {
-                        write!(f, "{}", c.escape_default())?;
-                    } else {
-                        write!(f, "{c}")?;
-                    }
-                }
-                Ok(())
-            }
+            // The reason may quote the client's words (a stray CR, an escape
+            // sequence): the reply stays one printable line on a terminal.
+            CmdError::Conn(reason) => write!(f, "ERR CONN {}", OneLine(reason)),
             CmdError::Blks => f.write_str("ERR BLKS Invalid block size"),
             CmdError::Rtim => f.write_str("ERR RTIM Invalid timeout"),
             CmdError::Pace => f.write_str("ERR PACE Invalid pace"),
         }
+    }
+}
+
+/// Text shown on one printable line: control characters (a newline, a CR,
+/// an escape sequence) are written escaped, as `\n`, `\r`, `\u{1b}`. For
+/// replies and error lines that quote what a client or a file said.
+pub struct OneLine<'a>(pub &'a str);
+
+impl fmt::Display for OneLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        Ok(())
     }
 }
 
