@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 
+mod common;
+use common::{Res, err, fd_count, proc_cpu, proc_status, rss_kib};
+
 const HOST: &str = "127.0.0.1";
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const SID: &str = "urn:bench-sockproxyd:serviceId:Bench1";
@@ -48,12 +51,6 @@ const BLKS_DEFAULT: usize = 2048;
 /// The default max_conns (512) would refuse most of the 10,000 connections
 /// and half the burst of 1,000; everything else stays at its default.
 const DAEMON_CONFIG: &str = "[host]\nmax_conns=20000\n";
-
-type Res<T> = Result<T, String>;
-
-fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
 
 // ---------------------------------------------------------------------------
 // Sizes
@@ -342,38 +339,6 @@ fn table(head: &[&str], rows: &[Vec<String>]) {
 
 // ---------------------------------------------------------------------------
 // /proc and the C library
-
-fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 { t as f64 } else { 100.0 }
-}
-
-/// utime + stime of a process, all threads, in seconds.
-fn proc_cpu(pid: u32) -> Option<f64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = s.get(s.rfind(')')? + 1..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // Fields after the command: state is field 3, utime 14, stime 15.
-    let ut: u64 = f.get(11)?.parse().ok()?;
-    let st: u64 = f.get(12)?.parse().ok()?;
-    Some((ut + st) as f64 / clk_tck())
-}
-
-/// A `kB` or count field of /proc/<pid>/status.
-fn proc_status(pid: u32, field: &str) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    proc_status(pid, "VmRSS")
-}
 
 /// Voluntary + involuntary context switches of every thread, by `tid/comm`.
 fn ctxt_switches(pid: u32) -> Vec<(String, u64)> {
@@ -770,7 +735,7 @@ impl Echo {
     }
 
     fn fds(&self) -> usize {
-        fs::read_dir(format!("/proc/{}/fd", self.child.id())).map_or(0, |r| r.count())
+        fd_count(self.child.id()).map_or(0, |n| n as usize)
     }
 
     /// Connections the echo device holds open.
@@ -1916,7 +1881,7 @@ fn phase_scale(cx: &Ctx) -> Res<J> {
         thread::sleep(Duration::from_millis(200));
         let rss = d.rss();
         let hwm = proc_status(d.pid, "VmHWM").unwrap_or(0);
-        let fds = fs::read_dir(format!("/proc/{}/fd", d.pid)).map_or(0, |r| r.count());
+        let fds = fd_count(d.pid).map_or(0, |n| n as usize);
         let per = (rss as f64 - start as f64) / n as f64;
         let budget = start as f64 + n as f64 * (2.0 * BLKS_DEFAULT as f64 + 1024.0) / 1024.0;
         drop(conns);

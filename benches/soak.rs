@@ -36,17 +36,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{Res, err, fd_count, proc_cpu, rss_kib};
+
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const SID: &str = "urn:soak-sockproxyd:serviceId:Soak1";
 const MIB: u64 = 1024 * 1024;
 /// Idle RSS may grow by this much over the run (allocator noise), no more.
 const RSS_SLACK_KIB: u64 = 1024;
-
-type Res<T> = Result<T, String>;
-
-fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
 
 // ---------------------------------------------------------------------------
 // Data: a reproducible byte stream per (transfer, direction), and FNV-1a
@@ -194,30 +191,6 @@ fn receive_pattern(s: &mut TcpStream, seed: u64) -> Received {
 
 // ---------------------------------------------------------------------------
 // /proc
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-fn fd_count(pid: u32) -> Option<u64> {
-    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
-}
-
-fn cpu_secs(pid: u32) -> Option<f64> {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = s.get(s.rfind(')')? + 1..)?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
-}
 
 // ---------------------------------------------------------------------------
 // Counters
@@ -1027,7 +1000,7 @@ fn idle_sample(
         fds_idle: fd_count(pid).ok_or("no fd count")?,
         rss_max: peaks.0.swap(0, Ordering::SeqCst),
         fds_max: peaks.1.swap(0, Ordering::SeqCst),
-        cpu: cpu_secs(pid).unwrap_or(f64::NAN),
+        cpu: proc_cpu(pid).unwrap_or(f64::NAN),
     })
 }
 
