@@ -109,10 +109,32 @@ pub fn payload(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-/// A port that was free a moment ago (bind 127.0.0.1:0, read it, release it).
+/// A port that was free a moment ago, for a listener the daemon opens itself (direct
+/// ports, `-p` in script tests) or for a port that must stay closed.
+///
+/// Ports come from below the kernel's ephemeral range, each handed out once per test
+/// process (starting at an offset drawn from the process id), and only if TCP and UDP
+/// can both bind it on every address. A port from `bind(":0")` would do once, but the
+/// kernel may give that same port to another test's `:0` listener or outgoing
+/// connection before the daemon binds it ("Address in use" under a loaded CI runner).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000, ephemeral_low.clamp(10_000 + 1_000, 65_536));
+    let span = high - low;
+    let start = std::process::id() as usize * 7919;
+    for _ in 0..span {
+        let port = (low + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        let tcp = TcpListener::bind(("0.0.0.0", port));
+        let udp = std::net::UdpSocket::bind(("0.0.0.0", port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{high}")
 }
 
 /// Percent-decodes a query value (`%XX` only; `+` is kept as is).
