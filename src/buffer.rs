@@ -1,14 +1,15 @@
 //! A fixed-size byte buffer: the one place bytes wait between a read from
 //! one socket and a write to the other.
 //!
-//! In scope: `data` (what is waiting), `space` (where the next read lands),
-//! `fill` and `consume` to move the two marks, and the storage behind them.
+//! In scope: `data` (what is waiting), `read_with` (one read into the free
+//! space), `push` and `consume` to move the two marks, and the storage
+//! behind them.
 //! Out of scope: sockets, and growing: the capacity is set at creation
 //! (BLKS, PROTOCOL.md "CONN") and never changes, so a connection's memory
 //! is known the moment it starts.
 //!
-//! The storage is held only while bytes wait: `space` takes it, `consume`
-//! (when the last byte goes) and `idle` give it back. An idle connection
+//! The storage is held only while bytes wait: a read takes it, and gives it
+//! back if it found nothing; `consume` gives it back when the last byte goes. An idle connection
 //! then costs no buffer at all, which on a router with hundreds of quiet
 //! device connections is most of the memory (musl's allocator spends about
 //! 4 KiB on a 2 KiB buffer). Storage given back waits in a small per-thread
@@ -16,6 +17,7 @@
 //! reuses it instead of going to the allocator each time.
 
 use std::cell::RefCell;
+use std::io;
 
 /// Most bytes of storage kept spare for reuse (per thread: the loop's).
 const SPARE_BYTES: usize = 128 * 1024;
@@ -100,9 +102,31 @@ impl Buffer {
         !self.buf.is_empty()
     }
 
+    /// One read into the free space: `read` gets at most `limit` bytes of it
+    /// and returns how many it filled. Whatever `read` returns, the storage
+    /// taken for it is given back if nothing waits afterwards. A full buffer
+    /// (or a `limit` of 0) calls nothing and gives `Ok(0)`, so `read` may take
+    /// its own `Ok(0)` for an end-of-stream.
+    pub fn read_with(
+        &mut self,
+        limit: usize,
+        read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let space = self.space();
+        let got = match space.get_mut(..limit.min(space.len())) {
+            Some(space) if !space.is_empty() => read(space),
+            _ => Ok(0),
+        };
+        match got {
+            Ok(n) => self.fill(n),
+            Err(_) => self.idle(),
+        }
+        got
+    }
+
     /// Free space for the next read; moves waiting bytes to the front first
     /// (at most one buffer's worth), so the whole capacity is always usable.
-    pub fn space(&mut self) -> &mut [u8] {
+    fn space(&mut self) -> &mut [u8] {
         if self.buf.is_empty() && self.capacity > 0 {
             self.buf = take(self.capacity);
         }
@@ -115,7 +139,7 @@ impl Buffer {
     }
 
     /// Marks `n` bytes of `space()` as filled.
-    pub fn fill(&mut self, n: usize) {
+    fn fill(&mut self, n: usize) {
         self.end = (self.end + n).min(self.buf.len());
         self.idle();
     }
@@ -126,9 +150,8 @@ impl Buffer {
         self.idle();
     }
 
-    /// Gives the storage back if nothing waits (after a read that found
-    /// nothing, say).
-    pub fn idle(&mut self) {
+    /// Gives the storage back if nothing waits.
+    fn idle(&mut self) {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;

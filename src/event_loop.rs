@@ -169,34 +169,19 @@ fn reported_error<S>(
 impl<S: Read> Side<S> {
     /// One read into `buf`, at most `limit` bytes; returns the count.
     fn read_into(&mut self, buf: &mut Buffer, limit: usize) -> io::Result<usize> {
-        let read = self.read_some(buf, limit);
-        // A read that found nothing gives the storage back.
-        buf.idle();
-        read
-    }
-
-    fn read_some(&mut self, buf: &mut Buffer, limit: usize) -> io::Result<usize> {
-        let space = buf.space();
-        let space = space.get_mut(..limit.min(space.len())).unwrap_or_default();
-        if space.is_empty() {
-            return Ok(0);
-        }
         loop {
-            return match self.sock.read(space) {
-                Ok(0) => {
-                    self.eof = true;
-                    Ok(0)
-                }
-                Ok(n) => {
-                    buf.fill(n);
-                    Ok(n)
-                }
+            let read = buf.read_with(limit, |space| {
+                let n = self.sock.read(space)?;
+                self.eof |= n == 0;
+                Ok(n)
+            });
+            return match read {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.readable = false;
                     Ok(0)
                 }
-                Err(e) => Err(e),
+                read => read,
             };
         }
     }
@@ -1049,22 +1034,30 @@ fn pump(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) -> io::Result<
                     return Ok(Verdict::Close("client closed".into()));
                 }
                 if r.readable && to_client.is_empty() {
-                    match r.sock.recv_from(to_client.space()) {
-                        Ok((n, from)) if from.ip() == peer.ip() => {
-                            to_client.fill(n);
-                            *recv += n as u64;
-                            *last_active = now;
-                            progress = true;
+                    // A datagram from elsewhere is read and dropped (kept: 0).
+                    let mut dropped = None;
+                    let read = to_client.read_with(usize::MAX, |space| {
+                        let (n, from) = r.sock.recv_from(space)?;
+                        if from.ip() == peer.ip() {
+                            return Ok(n);
                         }
-                        Ok((n, from)) => {
-                            debug!("{}: dropped a {n}-byte datagram from {from}", conn.id);
+                        dropped = Some((n, from));
+                        Ok(0)
+                    });
+                    match read {
+                        Ok(n) => {
+                            if let Some((n, from)) = dropped {
+                                debug!("{}: dropped a {n}-byte datagram from {from}", conn.id);
+                            } else {
+                                *recv += n as u64;
+                                *last_active = now;
+                            }
                             progress = true;
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => r.readable = false,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(e),
                     }
-                    to_client.idle();
                 }
             }
             Remote::None | Remote::Resolving => return Ok(Verdict::Continue),

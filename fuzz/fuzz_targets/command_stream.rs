@@ -316,11 +316,13 @@ impl Loop {
             };
             let rest = &chunk[off..];
             let n = if by_space {
-                let space = input.space();
-                let n = space.len().min(rest.len());
-                space[..n].copy_from_slice(&rest[..n]);
-                input.fill(n);
-                n
+                // As the loop reads a socket.
+                let read = input.read_with(usize::MAX, |space| {
+                    let n = space.len().min(rest.len());
+                    space[..n].copy_from_slice(&rest[..n]);
+                    Ok(n)
+                });
+                read.unwrap_or(0)
             } else {
                 input.push(rest)
             };
