@@ -11,8 +11,9 @@
 //! resets, CONN to a closed port, a client gone while its CONN connects).
 //!
 //! Every `--interval` seconds (default 60) the workers pause, the daemon is let go
-//! idle (STAT shows only the asker, and no notification for a second), and its RSS (/proc/<pid>/status VmRSS) and
-//! descriptor count (/proc/<pid>/fd) are printed beside the maxima seen under traffic.
+//! idle (STAT shows only the asker, and no notification for a second), and its RSS
+//! (/proc/<pid>/status VmRSS) and descriptor count (/proc/<pid>/fd) are printed
+//! beside the maxima seen under traffic.
 //!
 //! # Verdict
 //! Exit 0 only if: the idle descriptor count was the same at every sample, the idle
@@ -986,21 +987,18 @@ fn idle_sample(
     let mut quiet_since: Option<(Instant, u64)> = None;
     loop {
         let rows = stat_rows(w.daemon)?;
-        let notified = luup.total.load(Ordering::SeqCst);
-        if rows == 1
+        let idle = rows == 1
             && device_busy.load(Ordering::SeqCst) == 0
-            && luup.active.load(Ordering::SeqCst) == 0
-        {
-            match quiet_since {
-                Some((t, n)) if n == notified => {
-                    if t.elapsed() >= QUIET {
-                        break;
-                    }
+            && luup.active.load(Ordering::SeqCst) == 0;
+        // Luup's request count while idle; quiet once it holds for QUIET.
+        let notified = idle.then(|| luup.total.load(Ordering::SeqCst));
+        match quiet_since {
+            Some((t, n)) if notified == Some(n) => {
+                if t.elapsed() >= QUIET {
+                    break;
                 }
-                _ => quiet_since = Some((Instant::now(), notified)),
             }
-        } else {
-            quiet_since = None;
+            _ => quiet_since = notified.map(|n| (Instant::now(), n)),
         }
         if Instant::now() >= deadline {
             w.stats.fail(format!(
@@ -1079,8 +1077,6 @@ fn verdict(samples: &[Sample], stats: &Stats, d: &Daemon, alive: bool, code: Opt
                 "- descriptors when idle: {} at the first sample, not at every one: NOT FLAT",
                 first.fds_idle
             );
-        }
-        if !fds_flat {
             let series: Vec<String> = samples.iter().map(|s| s.fds_idle.to_string()).collect();
             println!("  series: {}", series.join(" "));
         }
