@@ -494,11 +494,7 @@ fn procd_uci_defaults_make_an_ini_the_daemon_accepts() {
 
 #[track_caller]
 fn assert_no_warnings(d: &Daemon, ini: &str) {
-    let warnings: Vec<String> = d
-        .log_lines()
-        .into_iter()
-        .filter(|l| l.contains("WARN"))
-        .collect();
+    let warnings = d.warnings();
     assert!(
         warnings.is_empty(),
         "the INI draws warnings: {warnings:#?}\n{ini}"

@@ -191,11 +191,7 @@ fn longest_fields_give_a_whole_request() {
     let n = luup.wait_for(1, dur(5_000), "device 31", |_| true);
     assert!(n[0].line.len() > 11_700, "{} bytes", n[0].line.len());
     check_request(&n[0], "31", &sid, &act, &pid);
-    let warns: Vec<String> = d
-        .log_lines()
-        .into_iter()
-        .filter(|l| l.contains("WARN"))
-        .collect();
+    let warns = d.warnings();
     assert!(warns.is_empty(), "{warns:?}");
 }
 
@@ -499,7 +495,7 @@ fn warns_once(mode: LuupMode) {
             "data must flow although Luup complains"
         );
     }
-    let warns = |d: &Daemon| d.log_lines().iter().filter(|l| l.contains("WARN")).count();
+    let warns = |d: &Daemon| d.log_count(|l| l.contains("WARN"));
     wait_until(
         dur(3_000),
         &format!("a warning about Luup's {mode:?} answer"),

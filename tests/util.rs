@@ -532,6 +532,13 @@ impl Daemon {
         self.log.lines()
     }
 
+    /// The log's WARN lines so far.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut lines = self.log_lines();
+        lines.retain(|l| l.contains("WARN"));
+        lines
+    }
+
     /// Waits for a log line matching `pred`, returns it.
     #[track_caller]
     pub fn wait_log(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> String {
