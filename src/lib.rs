@@ -12,5 +12,8 @@ pub mod logging;
 pub mod notify;
 pub mod protocol;
 pub mod resolve;
+pub mod session;
+pub mod side;
+pub mod signals;
 pub mod stat;
 pub mod timer;

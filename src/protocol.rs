@@ -43,6 +43,31 @@ pub fn greeting(id: &str) -> String {
     format!("OK TOGGLEDBITS-SOCKPROXY 1 {id}\n")
 }
 
+pub const OK_NTFY: &str = "OK NTFY\n";
+pub const OK_BLKS: &str = "OK BLKS\n";
+pub const OK_RTIM: &str = "OK RTIM\n";
+pub const OK_PACE: &str = "OK PACE\n";
+pub const OK_QUIT: &str = "OK QUIT\n";
+pub const OK_STOP: &str = "OK STOP\n";
+pub const ERR_STOP: &str = "ERR STOP Not allowed\n";
+/// Written where the greeting would go when `max_conns` is reached.
+pub const ERR_BUSY: &str = "ERR BUSY Too many connections\n";
+
+/// `BILD`'s answer.
+pub fn ok_build() -> String {
+    format!("OK {BUILD}\n")
+}
+
+/// `OK CONN <pid>`: the NTFY pid when one was given, else the connection id.
+pub fn ok_conn(pid: &str) -> String {
+    format!("OK CONN {pid}\n")
+}
+
+/// `ERR CONN <reason>` for a connect that failed or was refused.
+pub fn err_conn(reason: &str) -> String {
+    format!("ERR CONN {}\n", OneLine(reason))
+}
+
 pub const CAPA_REPLY: &str = "OK CAPA BLKS RTIM NTFY CONN UDP PACE PRTO IPV6\n";
 
 pub const HELP_REPLY: &str = "\

@@ -1,5 +1,5 @@
-//! The timer wheel: command-mode idle, connect timeout, RTIM, PACE and
-//! draining deadlines for every connection, and the accept retry.
+//! The timer wheel: each connection's next deadline (command-mode idle,
+//! connect timeout, RTIM, PACE, linger) and the accept retry.
 //!
 //! In scope: `arm`, `cancel`, `expired(now)`, `next_deadline()`. Out of
 //! scope: the clock (every call takes `now`) and what a deadline means: a
@@ -17,15 +17,9 @@ use std::time::Instant;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
-    /// Command mode with no command completed for too long, or a draining
-    /// connection whose client does not read.
-    Idle,
-    /// A remote connect (or name lookup) that is taking too long.
-    Connect,
-    /// The remote has been silent for RTIM.
-    Rtim,
-    /// A held notification may go out.
-    Pace,
+    /// A connection's next deadline (`Conn::poll_at`: command-mode idle,
+    /// connect timeout, RTIM, PACE, linger); one per connection.
+    Conn,
     /// A listener may try `accept` again after running out of descriptors.
     Accept,
 }
@@ -78,15 +72,15 @@ mod tests {
         let ms = |n| t0 + Duration::from_millis(n);
         let mut w = Timers::default();
         assert_eq!(w.next_deadline(), None);
-        w.arm(ms(30), 1, Kind::Rtim);
-        w.arm(ms(10), 2, Kind::Pace);
-        w.arm(ms(20), 3, Kind::Connect);
-        w.arm(ms(20), 3, Kind::Connect); // same timer twice: one entry
+        w.arm(ms(30), 1, Kind::Conn);
+        w.arm(ms(10), 2, Kind::Accept);
+        w.arm(ms(20), 3, Kind::Conn);
+        w.arm(ms(20), 3, Kind::Conn); // same timer twice: one entry
         assert_eq!(w.len(), 3);
         assert_eq!(w.next_deadline(), Some(ms(10)));
         assert_eq!(w.expired(ms(9)), vec![]);
-        assert_eq!(w.expired(ms(20)), vec![(2, Kind::Pace), (3, Kind::Connect)]);
-        w.cancel(ms(30), 1, Kind::Rtim);
+        assert_eq!(w.expired(ms(20)), vec![(2, Kind::Accept), (3, Kind::Conn)]);
+        w.cancel(ms(30), 1, Kind::Conn);
         assert_eq!(w.next_deadline(), None);
         assert_eq!(w.expired(ms(1000)), vec![]);
     }

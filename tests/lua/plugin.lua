@@ -5,8 +5,8 @@
 -- The script is both sides of Luup: the plugin, which connects through the proxy and
 -- reads its socket only when notified, and the Luup HTTP endpoint (the daemon was started
 -- with -N http://127.0.0.1:<luup port>), which accepts each notification GET, answers
--- 200 and runs the plugin's receive handler. It stops at "closed", then waits for the
--- final notification, writes every byte it read to <out file> and prints a summary:
+-- 200 and runs the plugin's receive handler. It stops at "closed", closes its socket, then
+-- waits a second for a further notification (none must come: the end was announced), writes every byte it read to <out file> and prints a summary:
 --   GREETING <id> / CONN <pid> / NOTIFY <request line> ... / NOTIFICATIONS <n> /
 --   FINAL or NOFINAL / BYTES <n>
 -- Any protocol surprise ends it with "FAIL: ..." on stderr and exit status 1.
@@ -114,8 +114,9 @@ end
 print("NOTIFICATIONS " .. notifications)
 sock:close()
 
--- After the connection ends the daemon sends one final notification.
-print(serve_one(5) and "FINAL" or "NOFINAL")
+-- The end of the stream was notified and the plugin has closed its socket: the daemon
+-- sends no further ("final") notification for a connection the plugin has forgotten.
+print(serve_one(1) and "FINAL" or "NOFINAL")
 
 local data = table.concat(received)
 local f = assert(io.open(out_file, "wb"))
