@@ -69,6 +69,10 @@ const OUT_KEEP: usize = 1024;
 pub const TURN_BUDGET: usize = 64;
 /// Bytes read and dropped at once while discarding a client's input.
 const DISCARD_CHUNK: usize = 512;
+/// Most input discarded before the close: a client still streaming toward
+/// a remote that is gone learns it from the reset, rather than have its
+/// bytes swallowed.
+const DISCARD_BYTES: usize = 64 * 1024;
 
 /// One direction of echo mode, named after where its bytes come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +108,8 @@ pub struct Drain {
     deadline: Instant,
     /// Our end-of-stream is passed on; the client's input is discarded.
     shut: bool,
+    /// Bytes of input discarded so far (`DISCARD_BYTES`).
+    discarded: usize,
     why: Cow<'static, str>,
 }
 
@@ -547,7 +553,7 @@ impl Conn {
                 Act::Wait
             });
         }
-        if self.client_ended {
+        if self.client_ended || d.discarded >= DISCARD_BYTES {
             let why = mem::take(&mut d.why);
             self.enter(State::Closed(why));
             return None;
@@ -590,9 +596,13 @@ impl Conn {
             State::Echo(e) => e
                 .to_remote
                 .read_with(if udp { blks } else { usize::MAX }, read),
-            State::Draining(_) => {
+            State::Draining(d) => {
                 let mut scratch = [0u8; DISCARD_CHUNK];
-                read(&mut scratch)
+                let read = read(&mut scratch);
+                if let Ok(n) = read {
+                    d.discarded = d.discarded.saturating_add(n);
+                }
+                read
             }
             State::Closed(_) => return,
         };
@@ -804,6 +814,7 @@ impl Conn {
             tail,
             deadline: now + LINGER,
             shut: false,
+            discarded: 0,
             why,
         }));
     }
@@ -1058,5 +1069,631 @@ pub fn reason(e: &io::Error) -> String {
     match text.find(" (os error") {
         Some(i) => text.get(..i).unwrap_or(&text).to_string(),
         None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VERA: &str = "http://luup:3480";
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], 23))
+    }
+
+    fn conn(now: Instant) -> Conn {
+        let client = SocketAddr::from(([127, 0, 0, 1], 5000));
+        Conn::command("abc".into(), client, Limits::default(), now)
+    }
+
+    /// The loop and both peers, without sockets: what each peer has sent
+    /// and not yet been read, whether it ended, how much it takes per write,
+    /// and everything it received.
+    struct Sim {
+        c: Conn,
+        now: Instant,
+        ready: Ready,
+        client_sends: Vec<u8>,
+        client_ends: bool,
+        client_fails: bool,
+        /// Bytes the client takes per write; 0: it does not read.
+        client_takes: usize,
+        client_got: Vec<u8>,
+        client_saw_end: bool,
+        remote_sends: Vec<u8>,
+        remote_ends: bool,
+        remote_fails: bool,
+        remote_takes: usize,
+        remote_got: Vec<u8>,
+        remote_saw_end: bool,
+        /// Datagram sources, for UDP: where the next `remote_sends` comes from.
+        from: Option<SocketAddr>,
+        datagrams: Vec<usize>,
+        notified: usize,
+        acts: usize,
+    }
+
+    impl Sim {
+        fn new(c: Conn, now: Instant) -> Sim {
+            Sim {
+                c,
+                now,
+                ready: Ready {
+                    client_read: true,
+                    client_write: true,
+                    remote_read: true,
+                    remote_write: true,
+                },
+                client_sends: Vec::new(),
+                client_ends: false,
+                client_fails: false,
+                client_takes: usize::MAX,
+                client_got: Vec::new(),
+                client_saw_end: false,
+                remote_sends: Vec::new(),
+                remote_ends: false,
+                remote_fails: false,
+                remote_takes: usize::MAX,
+                remote_got: Vec::new(),
+                remote_saw_end: false,
+                from: None,
+                datagrams: Vec::new(),
+                notified: 0,
+                acts: 0,
+            }
+        }
+
+        /// An echo connection to `peer()` with these CONN options.
+        fn echo(options: &str, now: Instant) -> Sim {
+            let mut sim = Sim::new(conn(now), now);
+            sim.client_sends = format!("CONN 10.0.0.1:23 {options}\n").into_bytes();
+            assert!(matches!(sim.turn(), Act::Connect(_)));
+            sim.c.connected(VERA, peer(), now);
+            assert!(sim.c.is_echo());
+            sim.turn();
+            sim.client_got.clear();
+            sim
+        }
+
+        fn read(
+            pending: &mut Vec<u8>,
+            ends: bool,
+            fails: bool,
+            ready: &mut bool,
+            buf: &mut [u8],
+        ) -> io::Result<usize> {
+            if fails {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            if pending.is_empty() {
+                if ends {
+                    return Ok(0);
+                }
+                *ready = false;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(pending.len());
+            buf[..n].copy_from_slice(&pending[..n]);
+            pending.drain(..n);
+            Ok(n)
+        }
+
+        /// Runs the connection until it waits, yields or needs the loop;
+        /// returns that act.
+        fn turn(&mut self) -> Act {
+            self.c.begin_turn();
+            self.ready.client_read = true;
+            self.ready.remote_read = true;
+            self.ready.client_write = self.client_takes > 0;
+            self.ready.remote_write = self.remote_takes > 0;
+            loop {
+                let act = self.c.next(self.ready, self.now);
+                self.acts += 1;
+                assert!(self.acts < 1_000_000, "no end of acts");
+                match act {
+                    Act::ReadClient => {
+                        let s = &mut *self;
+                        let (p, e, f, r) = (
+                            &mut s.client_sends,
+                            s.client_ends,
+                            s.client_fails,
+                            &mut s.ready.client_read,
+                        );
+                        s.c.read_client(s.now, |buf| Sim::read(p, e, f, r, buf));
+                    }
+                    Act::WriteClient => {
+                        let data = self.c.client_data();
+                        assert!(!data.is_empty(), "write of nothing");
+                        let n = data.len().min(self.client_takes);
+                        self.client_got.extend_from_slice(&data[..n]);
+                        if n < data.len() {
+                            self.ready.client_write = false;
+                        }
+                        self.c.wrote_client(self.now, Ok(n));
+                    }
+                    Act::ShutClient => {
+                        assert!(!self.client_saw_end, "shut twice");
+                        self.client_saw_end = true;
+                        self.c.client_shut(self.now);
+                    }
+                    Act::ReadRemote => {
+                        let s = &mut *self;
+                        let udp = s.c.is_udp();
+                        let from = s.from.unwrap_or_else(peer);
+                        let (p, e, f, r) = (
+                            &mut s.remote_sends,
+                            s.remote_ends && !udp,
+                            s.remote_fails,
+                            &mut s.ready.remote_read,
+                        );
+                        s.c.read_remote(s.now, |buf| {
+                            let n = Sim::read(p, e, f, r, buf)?;
+                            Ok((n, udp.then_some(from)))
+                        });
+                    }
+                    Act::WriteRemote => {
+                        let data = self.c.remote_data().to_vec();
+                        assert!(!data.is_empty(), "write of nothing");
+                        if self.remote_fails {
+                            self.c
+                                .wrote_remote(self.now, Err(io::ErrorKind::BrokenPipe.into()));
+                            continue;
+                        }
+                        let n = data.len().min(self.remote_takes);
+                        self.remote_got.extend_from_slice(&data[..n]);
+                        self.datagrams.push(n);
+                        if n < data.len() {
+                            self.ready.remote_write = false;
+                        }
+                        self.c.wrote_remote(self.now, Ok(n));
+                    }
+                    Act::ShutRemote => {
+                        assert!(!self.remote_saw_end, "shut twice");
+                        self.remote_saw_end = true;
+                        self.c.remote_shut();
+                    }
+                    Act::Notify(_) => self.notified += 1,
+                    other => return other,
+                }
+            }
+        }
+
+        /// What has moved so far: a turn that moves nothing has settled.
+        fn moved(&self) -> (usize, usize, usize, usize, bool, bool) {
+            (
+                self.client_got.len(),
+                self.remote_got.len(),
+                self.client_sends.len(),
+                self.remote_sends.len(),
+                self.client_saw_end,
+                self.remote_saw_end,
+            )
+        }
+
+        /// Turns (each a new readiness edge) until the connection only waits
+        /// with nothing moving, or needs the loop.
+        fn settle(&mut self) -> Act {
+            for _ in 0..10_000 {
+                let before = self.moved();
+                match self.turn() {
+                    Act::Yield => continue,
+                    Act::Wait if self.moved() != before => continue,
+                    other => return other,
+                }
+            }
+            panic!("never settles");
+        }
+
+        fn at(&mut self, ms: u64, t0: Instant) {
+            self.now = t0 + Duration::from_millis(ms);
+        }
+    }
+
+    fn closed(act: &Act) -> Option<&str> {
+        match act {
+            Act::Close(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn pipelined_commands_then_data_behind_conn() {
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends =
+            b"NTFY 5 sid act p9\r\nBLKS 16\nCONN 10.0.0.1:23 RTIM=5\nhello, remote".to_vec();
+        let Act::Connect(req) = sim.turn() else {
+            panic!("expected Connect");
+        };
+        assert_eq!(req.target, "10.0.0.1:23");
+        assert_eq!(
+            sim.client_got,
+            b"OK TOGGLEDBITS-SOCKPROXY 1 abc\nOK NTFY\nOK BLKS\n"
+        );
+        assert!(matches!(sim.turn(), Act::Wait));
+        assert!(!sim.c.nothing_early());
+        sim.c.connected(VERA, peer(), now);
+        sim.remote_takes = 0;
+        assert!(matches!(sim.turn(), Act::Wait));
+        assert!(sim.client_got.ends_with(b"OK CONN p9\n"));
+        let State::Echo(e) = &sim.c.state else {
+            panic!("expected Echo");
+        };
+        assert_eq!(e.to_remote.data(), b"hello, remote");
+        assert_eq!(e.to_client.capacity(), 16);
+        assert_eq!(sim.c.poll_at(), Some(now + Duration::from_millis(5)));
+        assert_eq!(sim.c.stat_row(true, now).notify, "5/sid/act/p9");
+    }
+
+    #[test]
+    fn errors_close_and_ignore_the_rest() {
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = b"\n  \nBLKS x\nSTAT\n".to_vec();
+        sim.client_ends = true;
+        let act = sim.settle();
+        assert_eq!(closed(&act), Some("error"));
+        assert!(sim.client_got.ends_with(b"\nERR BLKS Invalid block size\n"));
+        assert!(sim.client_saw_end, "our end passed on before the close");
+    }
+
+    #[test]
+    fn too_long_line() {
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = vec![b'A'; protocol::MAX_LINE + 2];
+        sim.settle();
+        assert!(sim.client_got.ends_with(b"ERR LINE Too long\n"));
+        let limits = Limits {
+            max_line: 8,
+            ..Limits::default()
+        };
+        let mut sim = Sim::new(Conn::command("abc".into(), peer(), limits, now), now);
+        sim.client_sends = b"STAT\n".to_vec();
+        assert!(matches!(sim.turn(), Act::Stat));
+        sim.client_sends = b"BLKS 12345".to_vec();
+        sim.settle();
+        assert!(sim.client_got.ends_with(b"ERR LINE Too long\n"));
+    }
+
+    #[test]
+    fn a_close_discards_unread_input_after_our_end() {
+        // QUIT with more behind it: the reply, then our end, then what the
+        // client still sends is read and dropped until its end, then close
+        // (a close with unread input would reset the reply).
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = b"QUIT\nmore\nand more".to_vec();
+        assert!(matches!(sim.settle(), Act::Wait));
+        assert!(sim.client_got.ends_with(b"OK QUIT\n"));
+        assert!(sim.client_saw_end);
+        assert!(sim.client_sends.is_empty(), "unread input discarded");
+        let at = sim.c.poll_at().expect("a bound on the discarding");
+        assert!(at <= now + DISCARD);
+        sim.client_ends = true;
+        assert_eq!(closed(&sim.settle()), Some("QUIT"));
+        // A client that never ends is closed at the bound.
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = b"QUIT\n".to_vec();
+        sim.settle();
+        assert!(sim.c.on_deadline(now + DISCARD).is_none());
+        assert_eq!(closed(&sim.settle()), Some("QUIT"));
+        // One that keeps sending is closed after a bounded amount.
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = b"QUIT\n".to_vec();
+        sim.client_sends.resize(DISCARD_BYTES * 3, b'x');
+        assert_eq!(closed(&sim.settle()), Some("QUIT"));
+        assert!(
+            sim.client_sends.len() >= DISCARD_BYTES,
+            "stopped discarding"
+        );
+    }
+
+    #[test]
+    fn commands_held_back_by_unread_replies_run_when_the_client_reads() {
+        // 150 HELP and a BILD in one write: once the replies pass the high
+        // water the rest waits, and runs as the client reads, without any
+        // new input (issue 13: 99 answers, then nothing).
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = b"HELP\n".repeat(150);
+        sim.client_sends.extend_from_slice(b"BILD\n");
+        sim.client_takes = 0;
+        assert!(matches!(sim.settle(), Act::Wait));
+        assert!(sim.c.out.len() > OUT_HIGH_WATER);
+        assert!(sim.client_sends.is_empty(), "all input taken");
+        sim.client_takes = usize::MAX;
+        assert!(matches!(sim.settle(), Act::Wait));
+        let text = String::from_utf8_lossy(&sim.client_got);
+        assert_eq!(text.matches("OK HELP\n").count(), 150);
+        assert!(text.ends_with(&protocol::ok_build()));
+        assert!(sim.c.out.capacity() <= OUT_KEEP, "reply storage given back");
+    }
+
+    #[test]
+    fn client_end_does_not_drop_commands_held_back_by_unread_replies() {
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = b"HELP\n".repeat(100);
+        sim.client_sends.extend_from_slice(b"BILD\n");
+        sim.client_ends = true;
+        sim.client_takes = 0;
+        assert!(matches!(sim.settle(), Act::Wait));
+        sim.client_takes = usize::MAX;
+        assert_eq!(closed(&sim.settle()), Some("client ended"));
+        let text = String::from_utf8_lossy(&sim.client_got);
+        assert_eq!(text.matches("OK HELP\n").count(), 100);
+        assert!(text.ends_with(&protocol::ok_build()));
+    }
+
+    #[test]
+    fn a_blank_line_flood_yields_its_turn() {
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = vec![b'\n'; 100_000];
+        let mut turns = 0;
+        while matches!(sim.turn(), Act::Yield) {
+            turns += 1;
+        }
+        assert!(turns >= 100_000 / TURN_BUDGET, "{turns} turns");
+        assert!(sim.client_sends.is_empty());
+    }
+
+    #[test]
+    fn idle_limits() {
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        assert_eq!(sim.c.poll_at(), Some(now + COMMAND_IDLE));
+        sim.at(3000, now);
+        sim.client_sends = b"STAT\n".to_vec();
+        assert!(matches!(sim.turn(), Act::Stat));
+        assert_eq!(sim.c.poll_at(), Some(sim.now + STAT_IDLE));
+        sim.c.on_deadline(sim.now + STAT_IDLE);
+        assert_eq!(closed(&sim.turn()), Some("idle in command mode"));
+    }
+
+    #[test]
+    fn connect_timeout_replies_and_closes() {
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = b"CONN 10.0.0.1:23\n".to_vec();
+        assert!(matches!(sim.turn(), Act::Connect(_)));
+        assert_eq!(sim.c.poll_at(), Some(now + CONNECT_TIMEOUT));
+        assert!(sim.c.needs_remote());
+        sim.c.on_deadline(now + CONNECT_TIMEOUT);
+        assert!(!sim.c.needs_remote());
+        sim.client_ends = true;
+        sim.settle();
+        assert!(sim.client_got.ends_with(b"ERR CONN Connection timed out\n"));
+    }
+
+    #[test]
+    fn half_close_from_the_client_keeps_the_other_way_flowing() {
+        let now = Instant::now();
+        let mut sim = Sim::echo("", now);
+        sim.client_sends = b"request".to_vec();
+        sim.client_ends = true;
+        sim.settle();
+        assert_eq!(sim.remote_got, b"request");
+        assert!(sim.remote_saw_end && !sim.client_saw_end);
+        sim.remote_sends = b"answer".to_vec();
+        assert!(matches!(sim.settle(), Act::Wait));
+        assert_eq!(sim.client_got, b"answer");
+        sim.remote_ends = true;
+        assert_eq!(closed(&sim.settle()), Some("both ends closed"));
+        assert!(sim.client_saw_end);
+    }
+
+    #[test]
+    fn half_close_from_the_remote_then_both() {
+        let now = Instant::now();
+        let mut sim = Sim::echo("BLKS=4", now);
+        sim.remote_sends = b"0123456789".to_vec();
+        sim.remote_ends = true;
+        sim.client_takes = 3;
+        sim.settle();
+        assert_eq!(sim.client_got, b"0123456789", "every byte before the end");
+        assert!(sim.client_saw_end && !sim.remote_saw_end);
+        sim.client_sends = b"late".to_vec();
+        sim.settle();
+        assert_eq!(sim.remote_got, b"late");
+        sim.client_ends = true;
+        assert_eq!(closed(&sim.settle()), Some("both ends closed"));
+    }
+
+    #[test]
+    fn eof_with_bytes_still_buffered_waits_for_them() {
+        let now = Instant::now();
+        let mut sim = Sim::echo("BLKS=16", now);
+        sim.remote_takes = 0;
+        sim.client_sends = b"abcdefgh".to_vec();
+        sim.client_ends = true;
+        assert!(matches!(sim.settle(), Act::Wait));
+        assert!(!sim.remote_saw_end, "no end before the bytes");
+        let State::Echo(e) = &sim.c.state else {
+            panic!("echo");
+        };
+        assert_eq!((e.up, e.to_remote.len()), (Flow::Ended, 8));
+        sim.remote_takes = 3;
+        sim.settle();
+        assert_eq!(sim.remote_got, b"abcdefgh");
+        assert!(sim.remote_saw_end);
+    }
+
+    #[test]
+    fn nothing_is_read_into_a_full_buffer() {
+        let now = Instant::now();
+        let mut sim = Sim::echo("BLKS=4", now);
+        sim.client_takes = 0;
+        sim.remote_sends = b"0123456789".to_vec();
+        assert!(matches!(sim.settle(), Act::Wait));
+        assert_eq!(sim.remote_sends, b"456789", "the rest waits in the remote");
+        assert_eq!(sim.c.wants_read(), (true, false));
+    }
+
+    #[test]
+    fn rtim_counts_only_the_remotes_own_silence() {
+        let t0 = Instant::now();
+        let mut sim = Sim::echo("BLKS=4 RTIM=1000", t0);
+        assert_eq!(sim.c.poll_at(), Some(t0 + Duration::from_millis(1000)));
+        sim.at(500, t0);
+        sim.remote_sends = b"0123456789".to_vec();
+        sim.client_takes = 0;
+        sim.settle();
+        // Our buffer toward the client is full: we hold the remote back,
+        // and that is not its silence.
+        assert_eq!(sim.c.poll_at(), None);
+        sim.at(5000, t0);
+        assert!(sim.c.on_deadline(sim.now).is_none());
+        assert!(sim.c.is_echo());
+        sim.client_takes = usize::MAX;
+        sim.settle();
+        assert_eq!(sim.client_got, b"0123456789");
+        assert_eq!(sim.c.poll_at(), Some(sim.now + Duration::from_millis(1000)));
+        // Client bytes are no sign of life from the remote.
+        sim.at(5900, t0);
+        sim.client_sends = b"ping".to_vec();
+        sim.settle();
+        assert_eq!(sim.c.poll_at(), Some(t0 + Duration::from_millis(6000)));
+    }
+
+    #[test]
+    fn rtim_writes_what_is_buffered_for_the_client_then_closes() {
+        let t0 = Instant::now();
+        let mut sim = Sim::echo("BLKS=8 RTIM=100 NTFY=7", t0);
+        sim.remote_sends = b"last".to_vec();
+        sim.client_takes = 0;
+        sim.settle();
+        sim.at(100, t0);
+        sim.c.on_deadline(sim.now);
+        assert!(!sim.c.needs_remote(), "the remote goes at RTIM");
+        sim.client_takes = usize::MAX;
+        sim.settle();
+        assert_eq!(sim.client_got, b"last");
+        assert!(sim.client_saw_end);
+        sim.client_ends = true;
+        assert_eq!(closed(&sim.settle()), Some("RTIM: remote silent"));
+        // Told of the data and the end: no final notification.
+        assert!(sim.notified >= 1);
+        assert!(sim.c.final_notify().is_none());
+    }
+
+    #[test]
+    fn remote_error_with_bytes_waiting_delivers_them() {
+        let now = Instant::now();
+        let mut sim = Sim::echo("BLKS=8", now);
+        sim.client_takes = 0;
+        sim.remote_sends = b"kept".to_vec();
+        sim.settle();
+        sim.remote_fails = true;
+        sim.client_sends = b"x".to_vec();
+        sim.settle();
+        assert!(!sim.c.needs_remote());
+        sim.client_takes = usize::MAX;
+        sim.client_ends = true;
+        let act = sim.settle();
+        assert_eq!(sim.client_got, b"kept");
+        assert!(closed(&act).is_some_and(|w| w.starts_with("remote: ")));
+    }
+
+    #[test]
+    fn client_error_closes_at_once() {
+        let now = Instant::now();
+        let mut sim = Sim::echo("NTFY=3", now);
+        sim.client_fails = true;
+        let act = sim.settle();
+        assert!(closed(&act).is_some_and(|w| w.starts_with("client: ")));
+        assert!(
+            sim.c.final_notify().is_none(),
+            "a client that is gone is not notified"
+        );
+    }
+
+    #[test]
+    fn final_notification_only_when_the_plugin_does_not_know() {
+        let now = Instant::now();
+        // Closed before any end was passed on (shutdown, say): one final.
+        let sim = Sim::echo("NTFY=3", now);
+        assert!(sim.c.final_notify().is_some());
+        assert!(sim.c.final_notify().is_none(), "coalesced: one waits");
+        // The plugin closed its socket: nothing to tell it.
+        let mut sim = Sim::echo("NTFY=3", now);
+        sim.client_ends = true;
+        sim.remote_ends = true;
+        assert_eq!(closed(&sim.settle()), Some("both ends closed"));
+        assert_eq!(sim.notified, 0, "no news for a client that has gone");
+        assert!(sim.c.final_notify().is_none());
+    }
+
+    #[test]
+    fn pace_holds_then_releases() {
+        let t0 = Instant::now();
+        let mut sim = Sim::echo("NTFY=1 PACE=1", t0);
+        sim.remote_sends = b"a".to_vec();
+        sim.settle();
+        assert_eq!(sim.notified, 1, "the first at once");
+        sim.at(100, t0);
+        sim.remote_sends = b"b".to_vec();
+        sim.settle();
+        assert_eq!(sim.notified, 1, "held");
+        assert_eq!(sim.c.poll_at(), Some(t0 + Duration::from_millis(1000)));
+        sim.at(200, t0);
+        sim.remote_sends = b"c".to_vec();
+        sim.settle();
+        let held = |c: &Conn| c.notify.as_ref().map(|n| (n.held, n.last));
+        assert_eq!(held(&sim.c), Some((true, Some(t0))));
+        sim.c.on_deadline(t0 + Duration::from_millis(999));
+        assert_eq!(held(&sim.c), Some((true, Some(t0))), "never early");
+        // (The job itself is still queued from the first: coalesced.)
+        sim.c.on_deadline(t0 + Duration::from_millis(1000));
+        let end = t0 + Duration::from_millis(1000);
+        assert_eq!(held(&sim.c), Some((false, Some(end))), "released");
+        assert_eq!(sim.c.poll_at(), None);
+    }
+
+    #[test]
+    fn no_target_no_notifications() {
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = b"NTFY -1\nCONN 10.0.0.1:23\n".to_vec();
+        assert!(matches!(sim.turn(), Act::Connect(_)));
+        sim.c.connected(VERA, peer(), now);
+        sim.remote_sends = b"x".to_vec();
+        sim.settle();
+        assert_eq!(
+            sim.client_got,
+            b"OK TOGGLEDBITS-SOCKPROXY 1 abc\nOK NTFY\nOK CONN abc\nx"
+        );
+        assert_eq!(sim.notified, 0);
+        assert!(sim.c.final_notify().is_none());
+    }
+
+    #[test]
+    fn udp_cuts_datagrams_at_blks_and_drops_foreign_sources() {
+        let now = Instant::now();
+        let mut sim = Sim::new(conn(now), now);
+        sim.client_sends = b"CONN 10.0.0.1:23 PRTO=udp BLKS=4\n0123456789".to_vec();
+        assert!(matches!(sim.turn(), Act::Connect(_)));
+        sim.c.connected(VERA, peer(), now);
+        sim.settle();
+        // Early bytes beyond one block: cut at BLKS.
+        assert_eq!(sim.datagrams, vec![4, 4, 2]);
+        sim.datagrams.clear();
+        sim.client_sends = b"abcdefg".to_vec();
+        sim.settle();
+        assert_eq!(sim.datagrams, vec![4, 3], "one client read, one datagram");
+        let before = sim.client_got.len();
+        sim.from = Some(SocketAddr::from(([10, 0, 0, 1], 9999)));
+        sim.remote_sends = b"ok".to_vec();
+        sim.settle();
+        assert_eq!(&sim.client_got[before..], b"ok", "another port: accepted");
+        sim.from = Some(SocketAddr::from(([10, 0, 0, 2], 23)));
+        sim.remote_sends = b"evil".to_vec();
+        sim.settle();
+        assert_eq!(&sim.client_got[before..], b"ok", "another host: dropped");
+        assert_eq!(sim.c.recv, 2);
+        sim.client_ends = true;
+        assert_eq!(closed(&sim.settle()), Some("client closed"));
     }
 }

@@ -461,3 +461,52 @@ fn commands_before_eof_are_all_answered_past_64k_of_replies() {
         "last line {last:?}"
     );
 }
+
+#[test]
+fn pipelined_commands_beyond_the_reply_limit_are_all_answered() {
+    // Issue 13 item 3: 150 HELP and a BILD in one write got 99 answers, then nothing until
+    // the command-mode timeout: the commands held back by the reply limit waited for new
+    // input that never came. They must run as soon as the client reads.
+    let (_l, d) = daemon();
+    let (mut c, _) = d.client();
+    let mut cmds = b"HELP\n".repeat(150);
+    cmds.extend_from_slice(b"BILD\n");
+    c.send(&cmds);
+    // Read only once the daemon has made what replies it will without a reader.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut helps = 0;
+    loop {
+        let line = c.line_within(dur(5_000));
+        if line == "OK HELP" {
+            helps += 1;
+        } else if let Some(build) = line.strip_prefix("OK ") {
+            assert!(
+                build.chars().all(|ch| ch.is_ascii_digit()),
+                "BILD's answer: {line:?}"
+            );
+            break;
+        }
+    }
+    assert_eq!(helps, 150, "every HELP answered before BILD");
+    c.send(b"QUIT\n");
+    c.expect_line_then_eof("OK QUIT");
+}
+
+#[test]
+fn an_error_with_more_input_behind_it_ends_with_a_clean_close() {
+    // Issue 13 item 7: closing with unread input makes the kernel send a reset, which on
+    // a real network can overtake the last reply. Our end goes after the reply, the rest
+    // of the input is read and dropped, and the client sees a clean end of stream.
+    let (_l, d) = daemon();
+    let (mut c, _) = d.client();
+    let mut data = b"BLKS x\n".to_vec();
+    data.extend_from_slice(&b"junk that nobody will read\n".repeat(1000));
+    c.send(&data);
+    c.expect_line("ERR BLKS Invalid block size");
+    c.expect_eof(dur(5_000));
+    let (mut q, _) = d.client();
+    let mut data = b"QUIT\n".to_vec();
+    data.extend_from_slice(&[b'x'; 20_000]);
+    q.send(&data);
+    q.expect_line_then_eof("OK QUIT");
+}

@@ -691,3 +691,31 @@ fn hang_up_right_after_conn_to_a_live_device_leaves_nothing_behind() {
     }
     d.wait_no_other_connections(dur(5_000), "clients that hung up right after CONN");
 }
+
+#[test]
+fn rtim_does_not_count_the_time_we_hold_the_remote_back() {
+    // Issue 13 item 2: a client that does not read for a while, RTIM=1000, a remote
+    // pushing 32 MiB. Once our buffer toward the client was full we stopped reading the
+    // remote, and RTIM took that for the remote's silence: the client got ~4 MiB and EOF,
+    // the remote a reset while still sending. Every byte must arrive, then the end.
+    let (_l, d) = daemon();
+    let dev = Device::listen();
+    let (mut c, _) = d.client();
+    conn_ok(&mut c, &format!("CONN {} RTIM=1000", dev.target()));
+    let r = dev.accept();
+    let data = payload(32 * MIB, 77);
+    let to_send = data.clone();
+    let remote = thread::spawn(move || {
+        let mut r = r;
+        r.write_all(&to_send).map_err(|e| e.to_string())?;
+        r.shutdown(Shutdown::Write).map_err(|e| e.to_string())
+    });
+    // Held back well past RTIM while the remote still has bytes to send.
+    thread::sleep(Duration::from_millis(2_500));
+    let got = c.read_to_eof(dur(60_000));
+    check_same("bytes through a held-back RTIM connection", &got, &data);
+    remote
+        .join()
+        .expect("remote thread")
+        .expect("the remote's writes all went through, no reset");
+}
