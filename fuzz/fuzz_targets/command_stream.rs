@@ -15,10 +15,13 @@
 //! Checks: no panic; `out` only ever holds whole lines; the replies and the
 //! steps are exactly those of a model that frames the whole stream at once
 //! (so chunking changes nothing): one reply per command in order, every
-//! reply one of the known forms, nothing after a close; the bytes behind the
-//! CONN line are all kept for the remote; the settings after CONN, the
-//! deadlines and PACE's first hold follow from what was sent; the state
-//! machine never stops taking input while it still could make progress.
+//! reply one of the known forms, nothing after a close (our end passed on,
+//! `Ev::Close`); the bytes behind the CONN line are all kept for the remote;
+//! the settings after CONN and the deadline (`poll_at`) follow from what was
+//! sent; a turn never does more than `TURN_BUDGET` acts; the state machine
+//! never stops taking input while it still could make progress, and every
+//! command is answered once the client reads (also those held back by the
+//! reply limit).
 
 #![no_main]
 
@@ -27,7 +30,8 @@ use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use sockproxyd::conn::{
-    COMMAND_IDLE, CONNECT_TIMEOUT, Conn, LINGER, NotifyAt, STAT_IDLE, State, Step,
+    Act, COMMAND_IDLE, CONNECT_TIMEOUT, Conn, LINGER, OUT_HIGH_WATER, Ready, STAT_IDLE, State,
+    TURN_BUDGET,
 };
 use sockproxyd::protocol::{
     self, CAPA_REPLY, Command, ConnRequest, HELP_REPLY, Limits, MAX_BLKS, MAX_LINE, Settings,
@@ -42,8 +46,6 @@ const REFUSED: &str = "Connection refused";
 /// its times and counters are not the model's business).
 const STAT_TEXT: &str =
     " ID           St  Idle    Up Client\n*1a2b         1  00m00 00m00 127.0.0.1\n";
-/// conn.rs's OUT_HIGH_WATER (private): replies stop being made beyond it.
-const OUT_HIGH_WATER: usize = 64 * 1024;
 
 const MAX_LINES: [usize; 16] = [
     MAX_LINE, 1, 2, 3, 4, 5, 8, 13, 16, 31, 64, 100, 255, 1000, 4095, 4097,
@@ -129,6 +131,9 @@ fn model(stream: &[u8], limits: &Limits, f: &Flags) -> Expect {
                     reply(&mut e, &format!("ERR CONN {REFUSED}\n"));
                 }
                 e.events.push(Ev::Connect(req));
+                if !f.connect_ok {
+                    e.events.push(Ev::Close);
+                }
                 e.conn = Some((pos, s));
                 return e;
             }
@@ -167,6 +172,7 @@ fn model(stream: &[u8], limits: &Limits, f: &Flags) -> Expect {
                 } else {
                     reply(&mut e, "ERR STOP Not allowed\n");
                 }
+                e.events.push(Ev::Close);
                 return e;
             }
         }
@@ -182,11 +188,19 @@ struct Loop {
     /// Everything the client has read, in order.
     read: Vec<u8>,
     events: Vec<Ev>,
+    /// What the client has sent that the connection has not read yet.
+    pending: Vec<u8>,
+    /// The client ended its side after `pending`.
+    ended: bool,
+    /// Reads from the socket take whole chunks (else at most 7 bytes each).
+    whole: bool,
     /// Stream bytes the connection took.
     fed: usize,
     /// CONN parsed, connect not yet done, and when.
     connecting_since: Option<Instant>,
+    connected_at: Option<Instant>,
     stat_seen: bool,
+    shut: bool,
 }
 
 impl Loop {
@@ -206,43 +220,90 @@ impl Loop {
         );
     }
 
-    fn drain(&mut self) {
-        self.read.append(&mut self.conn.out);
-    }
-
     fn connect(&mut self) {
         if self.connecting_since.take().is_none() {
             return;
         }
         if self.f.connect_ok {
-            self.conn.connected(VERA, self.now);
+            self.conn.connected(VERA, REMOTE.parse().unwrap(), self.now);
+            self.connected_at = Some(self.now);
         } else {
             self.conn.connect_failed(REFUSED, self.now);
         }
         self.check_out();
     }
 
-    /// `advance` in event_loop.rs: steps until the connection waits.
-    fn steps(&mut self) {
+    /// Turns of `session::advance`, until the connection waits. `reading`:
+    /// the client reads its replies now.
+    fn steps(&mut self, reading: bool) {
+        let ready = Ready {
+            client_read: true,
+            client_write: reading,
+            remote_read: false,
+            remote_write: false,
+        };
+        let mut acts = 0;
+        self.conn.begin_turn();
         loop {
-            let step = self.conn.next_step(self.now);
+            let act = self.conn.next(ready, self.now);
             self.check_out();
-            match step {
-                Step::Wait => break,
-                Step::Connect(req) => {
+            match act {
+                Act::ReadClient => {
+                    acts += 1;
+                    let (pending, ended, whole) = (&mut self.pending, self.ended, self.whole);
+                    let mut got = 0;
+                    self.conn.read_client(self.now, |space| {
+                        if pending.is_empty() {
+                            return if ended {
+                                Ok(0)
+                            } else {
+                                Err(std::io::ErrorKind::WouldBlock.into())
+                            };
+                        }
+                        let n = space.len().min(pending.len());
+                        let n = if whole { n } else { n.min(7) };
+                        space[..n].copy_from_slice(&pending[..n]);
+                        pending.drain(..n);
+                        got = n;
+                        Ok(n)
+                    });
+                    if matches!(self.conn.state, State::Command { .. } | State::Connecting { .. })
+                    {
+                        self.fed += got;
+                    }
+                    if got == 0 && !self.ended {
+                        // Would block: a real loop waits for the next edge.
+                        break;
+                    }
+                }
+                Act::WriteClient => {
+                    acts += 1;
+                    assert!(reading, "a write to a client that is not writable");
+                    let data = self.conn.client_data().to_vec();
+                    assert!(!data.is_empty(), "a write of nothing");
+                    assert!(!self.shut, "a write after our end");
+                    self.read.extend_from_slice(&data);
+                    self.conn.wrote_client(self.now, Ok(data.len()));
+                }
+                Act::ShutClient => {
+                    acts += 1;
+                    assert!(!self.shut, "our end passed on twice");
+                    assert!(self.conn.out.is_empty(), "our end before the last reply");
+                    self.shut = true;
+                    self.events.push(Ev::Close);
+                    self.conn.client_shut(self.now);
+                }
+                Act::Connect(req) => {
                     assert!(matches!(self.conn.state, State::Connecting { .. }));
                     assert_eq!(self.conn.target.as_deref(), Some(req.target.as_str()));
-                    assert_eq!(
-                        self.conn.connect_deadline(),
-                        Some(self.now + CONNECT_TIMEOUT)
-                    );
+                    assert_eq!(self.conn.poll_at(), Some(self.now + CONNECT_TIMEOUT));
                     self.events.push(Ev::Connect(req));
                     self.connecting_since = Some(self.now);
                     if self.f.connect_at_once {
                         self.connect();
                     }
                 }
-                Step::Stat => {
+                Act::Stat => {
                     assert!(matches!(self.conn.state, State::Command { .. }));
                     self.events.push(Ev::Stat);
                     self.stat_seen = true;
@@ -255,23 +316,27 @@ impl Loop {
                             .nth(1)
                             .is_some_and(|l| l.starts_with("*1a2b "))
                     );
-                    self.conn.out.extend_from_slice(STAT_TEXT.as_bytes());
+                    self.conn.stat_table(STAT_TEXT);
                 }
-                Step::Stop => {
+                Act::Stop => {
                     assert!(matches!(self.conn.state, State::Command { .. }));
                     self.events.push(Ev::Stop);
                     self.conn.stop(self.f.stop_allowed, self.now);
-                    assert!(matches!(self.conn.state, State::Draining { .. }));
+                    assert!(matches!(self.conn.state, State::Draining(_)));
                 }
-                Step::Close => {
-                    assert!(matches!(self.conn.state, State::Draining { .. }));
-                    self.events.push(Ev::Close);
+                Act::Yield => {
+                    assert!(acts >= TURN_BUDGET.min(1), "yielded with nothing done");
+                    acts = 0;
+                    self.conn.begin_turn();
+                }
+                Act::Wait | Act::Close(_) => break,
+                Act::Notify(_) => {}
+                Act::ReadRemote | Act::WriteRemote | Act::ShutRemote => {
+                    assert!(self.conn.is_echo(), "remote I/O outside echo mode");
+                    break;
                 }
             }
-            self.check_out();
-            if !self.f.lazy_reader {
-                self.drain();
-            }
+            assert!(acts <= TURN_BUDGET, "{acts} acts in one turn");
         }
         self.check_deadlines();
     }
@@ -279,6 +344,7 @@ impl Loop {
     fn check_deadlines(&self) {
         let c = &self.conn;
         assert!(c.last_active <= self.now);
+        let at = c.poll_at();
         match &c.state {
             State::Command { .. } => {
                 let idle = if self.stat_seen {
@@ -286,72 +352,52 @@ impl Loop {
                 } else {
                     COMMAND_IDLE
                 };
-                assert_eq!(c.idle_deadline(), Some(c.last_active + idle));
+                assert_eq!(at, Some(c.last_active + idle));
             }
             State::Connecting { .. } => assert_eq!(
-                c.connect_deadline(),
+                at,
                 self.connecting_since.map(|t| t + CONNECT_TIMEOUT)
             ),
-            State::Echo { .. } => {
-                assert_eq!(c.idle_deadline(), None);
-                assert_eq!(
-                    c.rtim_deadline(),
-                    c.settings.rtim.and_then(|r| c.last_active.checked_add(r))
-                );
+            State::Echo(_) => {
+                let since = self.connected_at.expect("connected");
+                assert_eq!(at, c.settings.rtim.and_then(|r| since.checked_add(r)));
             }
-            State::Draining { deadline } => {
-                assert_eq!(c.idle_deadline(), Some(*deadline));
-                assert!(*deadline <= self.now + LINGER);
-            }
+            State::Draining(_) => assert!(at.is_some_and(|at| at <= self.now + LINGER)),
+            State::Closed(_) => assert_eq!(at, None),
         }
     }
 
-    /// One chunk from the client, as far as the connection takes it.
-    /// False once it takes no more (closed, or the remote does not read).
-    fn feed(&mut self, chunk: &[u8], by_space: bool) -> bool {
-        let mut off = 0;
-        while off < chunk.len() {
-            let Some(input) = self.conn.client_input() else {
-                return false;
-            };
-            let rest = &chunk[off..];
-            let n = if by_space {
-                // As the loop reads a socket.
-                let read = input.read_with(usize::MAX, |space| {
-                    let n = space.len().min(rest.len());
-                    space[..n].copy_from_slice(&rest[..n]);
-                    Ok(n)
-                });
-                read.unwrap_or(0)
-            } else {
-                input.push(rest)
-            };
-            off += n;
-            self.fed += n;
-            self.steps();
-            if n > 0 {
-                continue;
-            }
-            match self.conn.state {
-                State::Command { .. } => {
-                    // Full: only a client that reads its replies can help.
-                    self.drain();
-                    self.steps();
-                    let stuck = matches!(&self.conn.state,
-                        State::Command { input } if input.is_full());
-                    assert!(!stuck, "command mode stuck with a full input buffer");
-                }
-                State::Connecting { .. } => {
-                    assert!(self.connecting_since.is_some());
-                    self.connect();
-                    self.steps();
-                }
-                State::Echo { .. } | State::Draining { .. } => return false,
-            }
+    /// One chunk from the client, as far as the connection takes it; the
+    /// client reads its replies at once unless it is a lazy reader, which
+    /// reads only when nothing else moves.
+    fn feed(&mut self, chunk: &[u8]) {
+        self.pending.extend_from_slice(chunk);
+        self.steps(!self.f.lazy_reader);
+        if self.pending.is_empty() {
+            return;
         }
-        true
+        match self.conn.state {
+            State::Command { .. } => {
+                // Full: only a client that reads its replies can help.
+                self.steps(true);
+                if let State::Command { input } = &self.conn.state {
+                    assert!(
+                        !input.is_full() || self.pending.is_empty(),
+                        "command mode stuck with a full input buffer"
+                    );
+                }
+            }
+            State::Connecting { .. } => {
+                assert!(self.connecting_since.is_some());
+                self.connect();
+                self.steps(!self.f.lazy_reader);
+            }
+            _ => {}
+        }
     }
 }
+
+const REMOTE: &str = "10.0.0.1:23";
 
 fuzz_target!(|data: &[u8]| {
     let [flags, limits, n, rest @ ..] = data else {
@@ -391,45 +437,45 @@ fuzz_target!(|data: &[u8]| {
         now: t0,
         read: Vec::new(),
         events: Vec::new(),
+        pending: Vec::new(),
+        ended: false,
+        whole: flags & 32 == 0,
         fed: 0,
         connecting_since: None,
+        connected_at: None,
         stat_seen: false,
+        shut: false,
     };
     lp.check_out();
-    if !lp.f.lazy_reader {
-        lp.drain();
-    }
 
     let mut pos = 0;
-    for (i, &len) in lens.iter().cycle().enumerate() {
-        if pos >= stream.len() {
+    for &len in lens.iter().cycle() {
+        if pos >= stream.len() || lp.shut {
             break;
         }
         let chunk = &stream[pos..stream.len().min(pos + len)];
         pos += chunk.len();
         lp.now += Duration::from_millis(1);
-        if !lp.feed(chunk, i % 2 == 1) {
-            break;
-        }
+        lp.feed(chunk);
     }
-    // The stream is over: the client reads what is left, the loop finishes
-    // what it can, then the connect completes, then the client may end.
-    loop {
-        lp.drain();
-        lp.steps();
-        if lp.conn.out.is_empty() {
-            break;
-        }
-    }
+    // The stream is over: the client reads what is left (every command
+    // already sent gets its answer, also those held back by the reply
+    // limit), then the connect completes, then the client may end.
+    lp.steps(true);
     if let (Some((conn_end, _)), State::Connecting { .. }) = (&expect.conn, &lp.conn.state) {
         assert_eq!(lp.conn.nothing_early(), lp.fed == *conn_end);
     }
     lp.connect();
+    lp.steps(true);
     if lp.f.client_ends {
-        lp.conn.client_ended(lp.now);
+        lp.ended = true;
+        lp.steps(true);
     }
-    lp.steps();
-    lp.drain();
+    // A lazy reader may have left unsent input behind a close: the model
+    // frames the whole stream, the connection only what it took.
+    if !lp.shut {
+        assert!(lp.conn.out.is_empty(), "replies left unwritten");
+    }
 
     assert_eq!(
         lp.events,
@@ -451,11 +497,11 @@ fuzz_target!(|data: &[u8]| {
         assert!(known, "unknown reply line {line:?}");
     }
 
-    // Closed means closed: nothing more is read or answered.
-    assert_eq!(lp.conn.client_input().is_none(), expect.closed);
+    // Closed means closed: our end went after the last reply, and nothing
+    // more is answered.
+    let closing = matches!(lp.conn.state, State::Draining(_) | State::Closed(_));
+    assert_eq!(closing, expect.closed, "closing state: {}", lp.shut);
     if expect.closed {
-        assert!(matches!(lp.conn.state, State::Draining { .. }));
-        assert!(matches!(lp.conn.next_step(lp.now), Step::Wait));
         assert!(lp.conn.out.is_empty());
         return;
     }
@@ -466,42 +512,21 @@ fuzz_target!(|data: &[u8]| {
     // Echo: every byte the client sent behind its CONN line waits for the
     // remote (PROTOCOL.md "CONN": kept and forwarded once connected).
     assert_eq!(lp.conn.settings, settings);
-    let State::Echo {
-        to_remote,
-        to_client,
-    } = &lp.conn.state
-    else {
+    let State::Echo(e) = &lp.conn.state else {
         panic!("not in echo mode after OK CONN");
     };
-    assert_eq!(to_client.capacity(), settings.blks);
-    assert!(to_remote.capacity() >= settings.blks);
+    assert_eq!(e.to_client.capacity(), settings.blks);
+    assert!(e.to_remote.capacity() >= settings.blks);
+    let behind = &stream[conn_end..lp.fed.max(conn_end)];
     assert!(
-        to_remote.data() == &stream[conn_end..lp.fed],
+        e.to_remote.data().starts_with(behind),
         "early bytes lost or changed: {} kept of {}",
-        to_remote.len(),
-        lp.fed - conn_end
+        e.to_remote.len(),
+        behind.len()
     );
-    let (now, pace) = (lp.now, settings.pace);
-    if settings.ntfy.is_none() {
-        assert_eq!(lp.conn.want_notify(now), NotifyAt::Never);
-        return;
-    }
-    // PROTOCOL.md "Notifications": the first goes out at once; one inside the
-    // PACE window is held until the window ends, and then goes.
-    assert_eq!(lp.conn.want_notify(now), NotifyAt::Now);
-    let soon = now + Duration::from_millis(1);
-    if pace > Duration::from_millis(1) {
-        assert_eq!(lp.conn.want_notify(soon), NotifyAt::Later(now + pace));
-        assert_eq!(lp.conn.want_notify(soon), NotifyAt::Never);
-        assert_eq!(lp.conn.pace_expired(soon), NotifyAt::Later(now + pace));
-        assert_eq!(lp.conn.pace_expired(now + pace), NotifyAt::Now);
-        assert_eq!(lp.conn.pace_expired(now + pace), NotifyAt::Never);
-    } else {
-        assert_eq!(lp.conn.want_notify(soon), NotifyAt::Now);
-    }
-    assert!(lp.conn.claim_notify().is_some());
-    assert!(
-        lp.conn.claim_notify().is_none(),
-        "two notifications waiting"
-    );
+    // PROTOCOL.md "Notifications": a plugin not told of any end gets a final
+    // one at the close; one that closed its own socket does not.
+    let final_one = lp.conn.final_notify().is_some();
+    assert_eq!(final_one, settings.ntfy.is_some() && !lp.f.client_ends);
+    assert!(lp.conn.final_notify().is_none(), "two notifications waiting");
 });
