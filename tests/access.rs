@@ -118,6 +118,50 @@ fn allow_applies_to_direct_listeners() {
     assert_eq!(dev.count(), 1, "device connections");
 }
 
+#[test]
+fn ipv4_mapped_network_shorter_than_96_is_refused_at_start() {
+    // Issue 13: `::ffff:10.0.0.0/8` used to become "every IPv4 address" (its 8 bits lie
+    // in the ::ffff: prefix) and admitted 127.0.0.2; `stop_from=::ffff:192.168.1.0/24`
+    // obeyed STOP from it. Both must stop the daemon at start, naming the line.
+    for bad in [
+        "allow=::ffff:10.0.0.0/8",
+        "stop_from=::ffff:192.168.1.0/24",
+        "connect_to=[::ffff:10.0.0.0/95]:80",
+    ] {
+        let f = ScratchFile::new("mapped.ini", &format!("[host]\n; mapped\n{bad}\n"));
+        let o = run_to_exit(&["-a", "127.0.0.1", "-p", "0", "-c", &f.arg()], dur(10_000));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "exit status for {bad:?}; stderr:\n{err}"
+        );
+        let first = err.lines().next().unwrap_or("");
+        let key = bad.split('=').next().unwrap_or(bad);
+        assert!(
+            first.contains("line 3") && first.contains(key) && first.contains("/96"),
+            "the first stderr line for {bad:?} should name line 3, {key} and /96:\n{err}"
+        );
+        assert!(
+            !err.contains("(commands)"),
+            "ready before failing on {bad:?}"
+        );
+    }
+}
+
+#[test]
+fn ipv4_mapped_network_matches_exactly_the_ipv4_network() {
+    // ::ffff:10.0.0.0/104 is 10.0.0.0/8: nothing of 127.0.0.0/8.
+    let (_l, _f, d) = daemon_ini("[host]\nallow=::ffff:10.0.0.0/104, ::ffff:127.0.0.1/128\n");
+    expect_refused(lo(2), d.addr);
+    d.wait_log(dur(5_000), "refused connection from 127.0.0.2", |l| {
+        l.contains("refused connection from 127.0.0.2:")
+    });
+    let mut c = expect_greeted(HOME, &d);
+    c.send(b"QUIT\n");
+    c.expect_line_then_eof("OK QUIT");
+}
+
 // ---------------------------------------------------------------------------------------
 // stop_from=
 
