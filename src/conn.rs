@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use crate::buffer::Buffer;
 use crate::notify::Job;
-use crate::protocol::{self, CmdError, Command, ConnRequest, Limits, Line, Settings, Transport};
+use crate::protocol::{
+    self, CmdError, Command, ConnRequest, Limits, Line, OneLine, Settings, Transport,
+};
 use crate::stat::Row;
 
 /// PROTOCOL.md "Command mode": no completed command for 30 s closes; after
@@ -316,7 +318,8 @@ impl Conn {
         to_remote.push(early.data());
         let pid = self.notify_pid().to_string();
         if !self.direct {
-            self.reply(&format!("OK CONN {pid}\n"));
+            // The pid is the client's own text: one printable line.
+            self.reply(&format!("OK CONN {}\n", OneLine(&pid)));
         }
         self.notify = self
             .settings

@@ -251,20 +251,27 @@ impl fmt::Display for CmdError {
 }
 
 /// Text shown on one printable line: control characters (a newline, a CR,
-/// an escape sequence) are written escaped, as `\n`, `\r`, `\u{1b}`. For
-/// replies and error lines that quote what a client or a file said.
+/// an escape sequence, DEL, the C1 controls) are written escaped, as `\n`,
+/// `\r`, `\u{1b}`. The one escaping for everything that quotes what a
+/// client, a peer or a file said: replies, `STAT` fields, config errors, log
+/// lines (PROTOCOL.md "Limits and access control"). Width and alignment
+/// (`{:<12}`) apply to the escaped text.
 pub struct OneLine<'a>(pub &'a str);
 
 impl fmt::Display for OneLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.0.chars().any(char::is_control) {
+            return f.pad(self.0);
+        }
+        let mut escaped = String::with_capacity(self.0.len().saturating_add(16));
         for c in self.0.chars() {
             if c.is_control() {
-                write!(f, "{}", c.escape_default())?;
+                escaped.extend(c.escape_default());
             } else {
-                write!(f, "{c}")?;
+                escaped.push(c);
             }
         }
-        Ok(())
+        f.pad(&escaped)
     }
 }
 
@@ -636,6 +643,14 @@ mod tests {
             Some("ERR CONN Invalid option A\\rB\\u{1b}[2J".into())
         );
         assert!(err(&["h:1", "RTIM=x"]).is_some());
+        assert_eq!(
+            format!("[{:<8}]", OneLine("a\u{7f}\u{9b}")),
+            "[a\\u{7f}\\u{9b}]"
+        );
+        assert_eq!(
+            format!("[{:<4}|{:>3}]", OneLine("a\n"), OneLine("b")),
+            "[a\\n |  b]"
+        );
         assert!(err(&["h:1", "BLKS=0"]).is_some());
         assert!(err(&["h:1", "BLKS=2000000"]).is_some());
         assert!(err(&["h:1", "PRTO=sctp"]).is_some());
