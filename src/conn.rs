@@ -202,6 +202,11 @@ impl Conn {
             match cmd {
                 Command::Blank => {}
                 Command::Conn(req) => {
+                    // PROTOCOL.md "Echo mode", UDP: BLKS (perhaps from an
+                    // earlier BLKS command) must fit in a datagram.
+                    if let Err(e) = req.checked_settings(&self.settings) {
+                        return self.fail(&e.to_string(), now);
+                    }
                     self.begin_connect(&req, now);
                     return Step::Connect(req);
                 }

@@ -14,6 +14,9 @@ pub const MAX_LINE: usize = 4096;
 /// Default and default limit of the per-direction buffer (`BLKS`).
 pub const DEFAULT_BLKS: usize = 2048;
 pub const MAX_BLKS: usize = 1 << 20;
+/// Largest BLKS with `PRTO=udp`: one client read is one datagram, and the
+/// largest UDP payload is 65,535 - 8 (UDP header) - 20 (IPv4 header).
+pub const MAX_UDP_BLKS: usize = 65_507;
 
 /// The limits a user may change (`[host] max_line=`, `max_blks=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +192,28 @@ pub enum ConnOption {
     Prto(Transport),
 }
 
+impl Settings {
+    /// Whether a connection can run with these settings, as a whole: each
+    /// value was checked on its own when parsed, but `PRTO=udp` and a BLKS
+    /// no datagram can carry may come from different places (a `BLKS`
+    /// command, then `CONN ... PRTO=udp`). PROTOCOL.md "Echo mode", UDP.
+    pub fn check(&self) -> Result<(), CmdError> {
+        if self.transport == Transport::Udp && self.blks > MAX_UDP_BLKS {
+            return Err(CmdError::Conn(format!("BLKS above {MAX_UDP_BLKS} for UDP")));
+        }
+        Ok(())
+    }
+}
+
 impl ConnRequest {
+    /// `settings` with this request's options applied, then `Settings::check`ed:
+    /// what a `CONN` runs with, or its `ERR CONN`.
+    pub fn checked_settings(&self, base: &Settings) -> Result<Settings, CmdError> {
+        let s = self.settings(base);
+        s.check()?;
+        Ok(s)
+    }
+
     /// `settings` with this request's options applied, in order.
     pub fn settings(&self, base: &Settings) -> Settings {
         let mut s = base.clone();
@@ -603,6 +627,39 @@ mod tests {
             .settings(&base);
         assert_eq!(s.blks, 100);
         assert_eq!(s.ntfy.map(|t| t.device), Some(5));
+    }
+
+    #[test]
+    fn udp_caps_blks_at_the_largest_datagram() {
+        let limits = Limits::default();
+        let checked = |words: &[&str], base: &Settings| {
+            parse_conn(words, &limits)
+                .expect("parses")
+                .checked_settings(base)
+                .map(|s| s.blks)
+                .map_err(|e| e.to_string())
+        };
+        let base = Settings::default();
+        let refused = Err("ERR CONN BLKS above 65507 for UDP".to_string());
+        assert_eq!(checked(&["h:1", "PRTO=udp", "BLKS=100000"], &base), refused);
+        assert_eq!(checked(&["h:1", "BLKS=65508", "PRTO=udp"], &base), refused);
+        assert_eq!(
+            checked(&["h:1", "PRTO=udp", "BLKS=65507"], &base),
+            Ok(65_507)
+        );
+        assert_eq!(checked(&["h:1", "BLKS=100000"], &base), Ok(100_000));
+        // The last BLKS counts; so does one set before CONN.
+        assert_eq!(
+            checked(&["h:1", "BLKS=100000", "PRTO=udp", "BLKS=9"], &base),
+            Ok(9)
+        );
+        let big = Settings {
+            blks: 100_000,
+            ..Settings::default()
+        };
+        assert_eq!(checked(&["h:1", "PRTO=udp"], &big), refused);
+        assert_eq!(checked(&["h:1", "PRTO=udp", "BLKS=512"], &big), Ok(512));
+        assert_eq!(checked(&["h:1"], &big), Ok(100_000));
     }
 
     #[test]
