@@ -12,5 +12,6 @@ pub mod logging;
 pub mod notify;
 pub mod protocol;
 pub mod resolve;
+pub mod selfcheck;
 pub mod stat;
 pub mod timer;
