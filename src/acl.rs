@@ -7,7 +7,11 @@
 //! Syntax: items separated by blanks or commas; each item is an address, a
 //! network `addr/len`, for IPv4 either followed by `:port`, for IPv6 in
 //! brackets when a port follows (`[fd00::/8]:443`). IPv4-mapped IPv6
-//! addresses match the IPv4 rules.
+//! addresses match the IPv4 rules. An IPv4-mapped network
+//! (`::ffff:a.b.c.d/n`) is the IPv4 network `a.b.c.d/(n-96)` and must be
+//! /96 or longer: a shorter one would reach into the `::ffff:` prefix and,
+//! taken as IPv4, match every IPv4 address (PROTOCOL.md "Limits and access
+//! control").
 
 use std::fmt;
 use std::net::IpAddr;
@@ -64,8 +68,7 @@ impl AddrList {
     pub fn parse(text: &str, ports: bool) -> Result<AddrList, String> {
         let mut rules = Vec::new();
         for item in text.split([' ', '\t', ',']).filter(|s| !s.is_empty()) {
-            let rule =
-                parse_item(item).ok_or_else(|| format!("bad address or network \"{item}\""))?;
+            let rule = parse_item(item)?;
             if rule.port.is_some() && !ports {
                 return Err(format!("no port allowed in \"{item}\""));
             }
@@ -98,40 +101,46 @@ impl fmt::Display for AddrList {
     }
 }
 
-fn parse_item(item: &str) -> Option<Rule> {
+fn parse_item(item: &str) -> Result<Rule, String> {
+    let bad = || format!("bad address or network \"{item}\"");
     let (net, port) = if let Some(rest) = item.strip_prefix('[') {
-        let (net, after) = rest.split_once(']')?;
+        let (net, after) = rest.split_once(']').ok_or_else(bad)?;
         let port = match after {
             "" => None,
-            p => Some(parse_port(p.strip_prefix(':')?)?),
+            p => Some(p.strip_prefix(':').and_then(parse_port).ok_or_else(bad)?),
         };
         (net, port)
     } else if item.matches(':').count() == 1 {
-        let (net, p) = item.split_once(':')?;
-        (net, Some(parse_port(p)?))
+        let (net, p) = item.split_once(':').ok_or_else(bad)?;
+        (net, Some(parse_port(p).ok_or_else(bad)?))
     } else {
         (item, None)
     };
     let (addr, len) = match net.split_once('/') {
         Some((a, l)) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
-            (a, Some(l.parse::<u8>().ok()?))
+            (a, Some(l.parse::<u8>().map_err(|_| bad())?))
         }
-        Some(_) => return None,
+        Some(_) => return Err(bad()),
         None => (net, None),
     };
-    let net: IpAddr = addr.parse().ok()?;
+    let net: IpAddr = addr.parse().map_err(|_| bad())?;
     let max = if net.is_ipv4() { 32 } else { 128 };
     let len = len.unwrap_or(max);
     if len > max {
-        return None;
+        return Err(bad());
     }
-    Some(Rule {
-        net: net.to_canonical(),
-        len: if net.is_ipv4() || !net.to_canonical().is_ipv4() {
-            len
-        } else {
-            len.saturating_sub(96)
-        },
+    let canonical = net.to_canonical();
+    let len = if net.is_ipv6() && canonical.is_ipv4() {
+        // IPv4-mapped: the last 32 bits are the IPv4 network.
+        len.checked_sub(96).ok_or_else(|| {
+            format!("IPv4-mapped network \"{item}\" must be /96 or longer (it is /{len})")
+        })?
+    } else {
+        len
+    };
+    Ok(Rule {
+        net: canonical,
+        len,
         port,
     })
 }
@@ -199,5 +208,38 @@ mod tests {
             assert!(AddrList::parse(bad, true).is_err(), "{bad} accepted");
         }
         assert!(AddrList::parse("10.0.0.1:80", false).is_err());
+    }
+
+    #[test]
+    fn ipv4_mapped_networks_are_96_or_longer() {
+        // Issue 13: shorter ones used to match every IPv4 address.
+        for bad in [
+            "::ffff:10.0.0.0/8",
+            "::ffff:192.168.1.0/24",
+            "::ffff:0.0.0.0/0",
+            "[::ffff:10.0.0.0/95]:80",
+        ] {
+            let e = AddrList::parse(bad, true).expect_err(bad);
+            assert!(e.contains("/96 or longer"), "{bad}: {e}");
+        }
+        let l = AddrList::parse("::ffff:10.0.0.0/104", false).expect("parses");
+        for (addr, inside) in [
+            ("10.1.2.3", true),
+            ("::ffff:10.255.0.1", true),
+            ("11.0.0.1", false),
+            ("127.0.0.2", false),
+            ("::ffff:127.0.0.2", false),
+            ("::a01:203", false),
+        ] {
+            assert_eq!(l.contains(ip(addr), None), inside, "{addr}");
+        }
+        let all = AddrList::parse("::ffff:0.0.0.0/96", false).expect("parses");
+        assert!(all.contains(ip("127.0.0.2"), None) && !all.contains(ip("::1"), None));
+        let one = AddrList::parse("[::ffff:127.0.0.1]:80", true).expect("parses");
+        assert!(one.contains(ip("127.0.0.1"), Some(80)));
+        assert!(!one.contains(ip("127.0.0.2"), Some(80)));
+        // A plain IPv6 network that covers the mapped range is not an IPv4 rule.
+        let v6 = AddrList::parse("::/64", false).expect("parses");
+        assert!(!v6.contains(ip("10.0.0.1"), None) && v6.contains(ip("::2"), None));
     }
 }

@@ -7,12 +7,13 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 
 use crate::acl::AddrList;
 use crate::ini;
-use crate::protocol::{self, ConnRequest, Limits, OneLine, Settings};
+use crate::protocol::{self, ConnRequest, Host, Limits, OneLine, Settings, Transport};
+use crate::selfcheck;
 
 pub const DEFAULT_PORT: u16 = 2504;
 pub const DEFAULT_VERA: &str = "http://127.0.0.1:3480";
@@ -37,6 +38,9 @@ usage: sockproxyd [-c file] [-a addr] [-p port] [-L logfile] [-N url] [-D]
 pub struct Direct {
     pub port: u16,
     pub request: ConnRequest,
+    /// Where it was written (`config <file>: line <n>`), for errors found
+    /// once the whole command line is read.
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -169,6 +173,7 @@ where
         }
     }
     check_direct_blks(&config)?;
+    check_direct_not_self(&config)?;
     Ok(Parsed::Run(Box::new(config)))
 }
 
@@ -178,8 +183,49 @@ fn check_direct_blks(config: &Config) -> Result<(), ConfigError> {
         let blks = d.request.settings(&Settings::default()).blks;
         if blks > config.limits.max_blks {
             return Err(ConfigError::File(format!(
-                "config: [direct] {}: BLKS={blks} is over max_blks={}",
-                d.port, config.limits.max_blks
+                "{}: [direct] {}: BLKS={blks} is over max_blks={}",
+                d.origin, d.port, config.limits.max_blks
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// PROTOCOL.md "Limits and access control": a `[direct]` entry must not
+/// point at one of our own listeners. Checked here for targets known
+/// without a lookup (an address, `localhost`), once every port is known
+/// (`-p` may follow the file); the event loop checks every resolved
+/// destination. A command port of 0 is picked at bind: the loop's check
+/// covers it. UDP targets are left alone: we listen on TCP only.
+fn check_direct_not_self(config: &Config) -> Result<(), ConfigError> {
+    let ports: Vec<u16> = std::iter::once(config.port)
+        .chain(config.direct.iter().map(|d| d.port))
+        .filter(|&p| p != 0)
+        .collect();
+    let local = selfcheck::local_ips();
+    for d in &config.direct {
+        if d.request.settings(&Settings::default()).transport == Transport::Udp {
+            continue;
+        }
+        let ips: Vec<IpAddr> = match &d.request.host {
+            Host::Ip(ip) => vec![*ip],
+            Host::Name(n) if n.eq_ignore_ascii_case("localhost") => {
+                vec![Ipv4Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()]
+            }
+            Host::Name(_) => Vec::new(),
+        };
+        let own = ips.into_iter().any(|ip| {
+            selfcheck::is_own_listener(
+                SocketAddr::new(ip, d.request.port),
+                config.ip,
+                &ports,
+                &local,
+            )
+        });
+        if own {
+            return Err(ConfigError::File(format!(
+                "{}: [direct] {} points at our own port {}",
+                d.origin, d.port, d.request.port
             )));
         }
     }
@@ -282,13 +328,16 @@ pub fn apply_file(config: &mut Config, name: &str, text: &str) -> Result<(), Con
                     .ok()
                     .filter(|&p| p != 0)
                     .ok_or_else(|| bad("direct listener port for"))?;
+                let origin = format!("config {name}: line {line}");
                 let request = parse_direct(value.unwrap_or("")).map_err(|why| {
-                    ConfigError::File(format!(
-                        "config {name}: line {line}: [direct] {port}: {why}"
-                    ))
+                    ConfigError::File(format!("{origin}: [direct] {port}: {why}"))
                 })?;
                 config.direct.retain(|d| d.port != port);
-                config.direct.push(Direct { port, request });
+                config.direct.push(Direct {
+                    port,
+                    request,
+                    origin,
+                });
             }
             (section, key) => config.warnings.push(format!(
                 "config {name}: line {line}: unknown key {key:?} in [{section}], ignored"
@@ -317,8 +366,13 @@ fn parse_direct(value: &str) -> Result<ConnRequest, String> {
         max_blks: MAX_MAX_BLKS,
         ..Limits::default()
     };
-    protocol::parse_conn(words, &limits)
-        .map_err(|e| e.to_string().trim_start_matches("ERR CONN ").to_string())
+    let request = protocol::parse_conn(words, &limits)
+        .map_err(|e| e.to_string().trim_start_matches("ERR CONN ").to_string())?;
+    // PRTO=udp with a BLKS no datagram can carry, as a CONN would be told.
+    request
+        .checked_settings(&Settings::default())
+        .map_err(|e| e.to_string().trim_start_matches("ERR CONN ").to_string())?;
+    Ok(request)
 }
 
 #[cfg(test)]
@@ -434,6 +488,49 @@ mod tests {
             "config f: line 2: [direct] 9001: Invalid option BOGUS=1"
         );
         assert!(apply_file(&mut c, "f", "[direct]\nx=h:1\n").is_err());
+        let e = apply_file(&mut c, "f", "\n[direct]\n9002=h:1 PRTO=udp BLKS=65508\n")
+            .expect_err("udp BLKS");
+        assert_eq!(
+            e.to_string(),
+            "config f: line 3: [direct] 9002: BLKS above 65507 for UDP"
+        );
+    }
+
+    #[test]
+    fn direct_to_our_own_port() {
+        let f = temp_file(
+            "self.ini",
+            "[direct]\n9000=127.0.0.1:9001\n9001=h:1\n9002=CONN localhost:2600\n",
+        );
+        let f = f.to_str().expect("utf-8 path");
+        let e = run(&["-a", "127.0.0.1", "-c", f]).expect_err("9000 -> 9001");
+        assert!(
+            e.to_string()
+                .ends_with(": line 2: [direct] 9000 points at our own port 9001"),
+            "{e}"
+        );
+        // The command port, given after the file.
+        let f = temp_file("self2.ini", "[direct]\n\n9000=CONN localhost:2600\n");
+        let f = f.to_str().expect("utf-8 path");
+        let e = run(&["-a", "127.0.0.1", "-c", f, "-p", "2600"]).expect_err("localhost");
+        assert!(
+            e.to_string()
+                .ends_with(": line 3: [direct] 9000 points at our own port 2600"),
+            "{e}"
+        );
+        assert!(run(&["-a", "127.0.0.1", "-c", f, "-p", "2601"]).is_ok());
+        // Elsewhere on loopback, by name, over UDP, or to -p 0: not ours here.
+        let f = temp_file(
+            "notself.ini",
+            "[direct]\n9000=127.0.0.2:2504\n9001=gw.lan:2504\n9002=127.0.0.1:2504 PRTO=udp\n",
+        );
+        let f = f.to_str().expect("utf-8 path");
+        assert!(run(&["-a", "127.0.0.1", "-c", f]).is_ok());
+        let e = run(&["-a", "*", "-c", f]).expect_err("wildcard takes 127.0.0.2");
+        assert!(e.to_string().contains("[direct] 9000 points at"), "{e}");
+        let f = temp_file("zero.ini", "[direct]\n9000=127.0.0.1:2504\n");
+        let f = f.to_str().expect("utf-8 path");
+        assert!(run(&["-a", "127.0.0.1", "-p", "0", "-c", f]).is_ok());
     }
 
     #[test]

@@ -433,6 +433,12 @@ impl Conn {
         match cmd {
             Command::Blank => {}
             Command::Conn(req) => {
+                // PROTOCOL.md "Echo mode", UDP: BLKS (perhaps from an
+                // earlier BLKS command) must fit in a datagram.
+                if let Err(e) = req.checked_settings(&self.settings) {
+                    self.fail(&e.to_string(), now);
+                    return None;
+                }
                 self.begin_connect(&req, now);
                 // PROTOCOL.md "Clients that hang up": never connect for a
                 // client that has gone (one that sent data behind its CONN

@@ -31,6 +31,7 @@ use crate::logging::LogFile;
 use crate::notify::Notifier;
 use crate::protocol::{self, ConnRequest};
 use crate::resolve::{self, Resolver};
+use crate::selfcheck::OwnPorts;
 use crate::session::{self, Ctx, Policy, Session, Verdict, client_token};
 use crate::side::Side;
 use crate::signals;
@@ -121,6 +122,15 @@ pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io
         Interest::READABLE,
     )?;
     let mut listeners = listeners;
+    // The bound ports, so that `-p 0` is covered too.
+    let own = OwnPorts::new(
+        config.ip,
+        listeners
+            .iter()
+            .filter_map(|l| l.sock.local_addr().ok())
+            .map(|a| a.port())
+            .collect(),
+    );
     for (i, l) in listeners.iter_mut().enumerate() {
         registry.register(&mut l.sock, Token(LISTENERS + i), Interest::READABLE)?;
         let addr = l.sock.local_addr()?;
@@ -150,6 +160,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io
                 allow: config.allow,
                 stop_from: config.stop_from,
                 connect_to: config.connect_to,
+                own,
             },
             timers: Timers::default(),
             notifier,

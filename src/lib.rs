@@ -12,6 +12,7 @@ pub mod logging;
 pub mod notify;
 pub mod protocol;
 pub mod resolve;
+pub mod selfcheck;
 pub mod session;
 pub mod side;
 pub mod signals;

@@ -14,6 +14,9 @@ pub const MAX_LINE: usize = 4096;
 /// Default and default limit of the per-direction buffer (`BLKS`).
 pub const DEFAULT_BLKS: usize = 2048;
 pub const MAX_BLKS: usize = 1 << 20;
+/// Largest BLKS with `PRTO=udp`: one client read is one datagram, and the
+/// largest UDP payload is 65,535 - 8 (UDP header) - 20 (IPv4 header).
+pub const MAX_UDP_BLKS: usize = 65_507;
 
 /// The limits a user may change (`[host] max_line=`, `max_blks=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +63,8 @@ pub fn ok_build() -> String {
 
 /// `OK CONN <pid>`: the NTFY pid when one was given, else the connection id.
 pub fn ok_conn(pid: &str) -> String {
-    format!("OK CONN {pid}\n")
+    // The pid is the client's own text: one printable line.
+    format!("OK CONN {}\n", OneLine(pid))
 }
 
 /// `ERR CONN <reason>` for a connect that failed or was refused.
@@ -214,7 +218,28 @@ pub enum ConnOption {
     Prto(Transport),
 }
 
+impl Settings {
+    /// Whether a connection can run with these settings, as a whole: each
+    /// value was checked on its own when parsed, but `PRTO=udp` and a BLKS
+    /// no datagram can carry may come from different places (a `BLKS`
+    /// command, then `CONN ... PRTO=udp`). PROTOCOL.md "Echo mode", UDP.
+    pub fn check(&self) -> Result<(), CmdError> {
+        if self.transport == Transport::Udp && self.blks > MAX_UDP_BLKS {
+            return Err(CmdError::Conn(format!("BLKS above {MAX_UDP_BLKS} for UDP")));
+        }
+        Ok(())
+    }
+}
+
 impl ConnRequest {
+    /// `settings` with this request's options applied, then `Settings::check`ed:
+    /// what a `CONN` runs with, or its `ERR CONN`.
+    pub fn checked_settings(&self, base: &Settings) -> Result<Settings, CmdError> {
+        let s = self.settings(base);
+        s.check()?;
+        Ok(s)
+    }
+
     /// `settings` with this request's options applied, in order.
     pub fn settings(&self, base: &Settings) -> Settings {
         let mut s = base.clone();
@@ -276,20 +301,27 @@ impl fmt::Display for CmdError {
 }
 
 /// Text shown on one printable line: control characters (a newline, a CR,
-/// an escape sequence) are written escaped, as `\n`, `\r`, `\u{1b}`. For
-/// replies and error lines that quote what a client or a file said.
+/// an escape sequence, DEL, the C1 controls) are written escaped, as `\n`,
+/// `\r`, `\u{1b}`. The one escaping for everything that quotes what a
+/// client, a peer or a file said: replies, `STAT` fields, config errors, log
+/// lines (PROTOCOL.md "Limits and access control"). Width and alignment
+/// (`{:<12}`) apply to the escaped text.
 pub struct OneLine<'a>(pub &'a str);
 
 impl fmt::Display for OneLine<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.0.chars().any(char::is_control) {
+            return f.pad(self.0);
+        }
+        let mut escaped = String::with_capacity(self.0.len().saturating_add(16));
         for c in self.0.chars() {
             if c.is_control() {
-                write!(f, "{}", c.escape_default())?;
+                escaped.extend(c.escape_default());
             } else {
-                write!(f, "{c}")?;
+                escaped.push(c);
             }
         }
-        Ok(())
+        f.pad(&escaped)
     }
 }
 
@@ -624,6 +656,39 @@ mod tests {
     }
 
     #[test]
+    fn udp_caps_blks_at_the_largest_datagram() {
+        let limits = Limits::default();
+        let checked = |words: &[&str], base: &Settings| {
+            parse_conn(words, &limits)
+                .expect("parses")
+                .checked_settings(base)
+                .map(|s| s.blks)
+                .map_err(|e| e.to_string())
+        };
+        let base = Settings::default();
+        let refused = Err("ERR CONN BLKS above 65507 for UDP".to_string());
+        assert_eq!(checked(&["h:1", "PRTO=udp", "BLKS=100000"], &base), refused);
+        assert_eq!(checked(&["h:1", "BLKS=65508", "PRTO=udp"], &base), refused);
+        assert_eq!(
+            checked(&["h:1", "PRTO=udp", "BLKS=65507"], &base),
+            Ok(65_507)
+        );
+        assert_eq!(checked(&["h:1", "BLKS=100000"], &base), Ok(100_000));
+        // The last BLKS counts; so does one set before CONN.
+        assert_eq!(
+            checked(&["h:1", "BLKS=100000", "PRTO=udp", "BLKS=9"], &base),
+            Ok(9)
+        );
+        let big = Settings {
+            blks: 100_000,
+            ..Settings::default()
+        };
+        assert_eq!(checked(&["h:1", "PRTO=udp"], &big), refused);
+        assert_eq!(checked(&["h:1", "PRTO=udp", "BLKS=512"], &big), Ok(512));
+        assert_eq!(checked(&["h:1"], &big), Ok(100_000));
+    }
+
+    #[test]
     fn ntfy_option_with_pid_keeps_slashes() {
         let req = parse_conn(&["h:1", "NTFY=9/sid/act/a/b"], &Limits::default()).expect("parses");
         let t = req.settings(&Settings::default()).ntfy.expect("target");
@@ -661,6 +726,14 @@ mod tests {
             Some("ERR CONN Invalid option A\\rB\\u{1b}[2J".into())
         );
         assert!(err(&["h:1", "RTIM=x"]).is_some());
+        assert_eq!(
+            format!("[{:<8}]", OneLine("a\u{7f}\u{9b}")),
+            "[a\\u{7f}\\u{9b}]"
+        );
+        assert_eq!(
+            format!("[{:<4}|{:>3}]", OneLine("a\n"), OneLine("b")),
+            "[a\\n |  b]"
+        );
         assert!(err(&["h:1", "BLKS=0"]).is_some());
         assert!(err(&["h:1", "BLKS=2000000"]).is_some());
         assert!(err(&["h:1", "PRTO=sctp"]).is_some());

@@ -21,6 +21,7 @@ use crate::conn::{Act, Conn, Ready, State, reason};
 use crate::notify::Notifier;
 use crate::protocol::{ConnRequest, Host, Limits};
 use crate::resolve::Resolver;
+use crate::selfcheck::OwnPorts;
 use crate::side::Side;
 use crate::timer::{Kind, Timers};
 
@@ -62,6 +63,9 @@ pub struct Policy {
     pub allow: Option<AddrList>,
     pub stop_from: AddrList,
     pub connect_to: Option<AddrList>,
+    /// Our own listening sockets: never a destination (PROTOCOL.md "Limits
+    /// and access control": the proxy never relays to itself).
+    pub own: OwnPorts,
 }
 
 /// Everything the sessions need besides each other.
@@ -304,6 +308,19 @@ pub fn resolved(
 fn connect_next(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) {
     let mut last_err = None;
     while let Some(addr) = s.addrs.pop() {
+        // A relayed connection comes from loopback: through it a refused
+        // host could reach STOP, or a destination connect_to forbids.
+        if !s.conn.is_udp() && ctx.policy.own.contains(addr) {
+            info!(
+                "{}: refused CONN from {} to {addr}: that is this proxy",
+                s.conn.id, s.conn.client
+            );
+            last_err = Some(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "Destination is this proxy",
+            ));
+            continue;
+        }
         if let Some(allowed) = &ctx.policy.connect_to
             && !allowed.contains(addr.ip(), Some(addr.port()))
         {

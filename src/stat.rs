@@ -2,9 +2,14 @@
 //!
 //! In scope: rows in, text out. Out of scope: live connection state; the
 //! event loop gathers a `Row` per connection and hands them over.
+//!
+//! Every text field is written through `protocol::OneLine`: a NTFY target
+//! is whatever its client sent, and another client's terminal reads it.
 
 use std::fmt::Write;
 use std::time::Duration;
+
+use crate::protocol::OneLine;
 
 pub struct Row {
     /// The connection that asked: marked `*`.
@@ -43,15 +48,15 @@ pub fn table(rows: &[Row]) -> String {
             out,
             "{}{:<12} {:<2} {:>5} {:>5} {:<15} {:<21} {:>8} {:>8} {}",
             if r.me { '*' } else { ' ' },
-            r.id,
+            OneLine(&r.id),
             r.state,
             duration(r.idle),
             duration(r.uptime),
-            r.client,
-            r.remote,
+            OneLine(&r.client),
+            OneLine(&r.remote),
             r.recv,
             r.xmit,
-            r.notify
+            OneLine(&r.notify)
         );
     }
     out
@@ -92,5 +97,32 @@ mod tests {
         assert!(lines[2].starts_with("*1716058a203 "));
         assert!(lines[2].contains(" 00m03 01m10 "));
         assert!(lines[2].ends_with(" 584      174 659/urn:x:serviceId:H1/HandleReceive/0"));
+    }
+
+    #[test]
+    fn fields_are_escaped_to_one_line() {
+        let row = Row {
+            me: false,
+            id: "i\rd".into(),
+            state: 1,
+            idle: Duration::ZERO,
+            uptime: Duration::ZERO,
+            client: "c\u{7f}".into(),
+            remote: "r\n".into(),
+            recv: 0,
+            xmit: 0,
+            notify: "5/s\u{1b}[2J/a\rb/p\u{9b}".into(),
+        };
+        let t = table(&[row]);
+        assert_eq!(t.lines().count(), 2, "{t:?}");
+        assert!(
+            !t.lines().flat_map(str::chars).any(char::is_control),
+            "{t:?}"
+        );
+        let line = t.lines().nth(1).unwrap_or_default();
+        // Columns keep their widths, counted on the escaped text.
+        assert!(line.starts_with(" i\\rd         1  00m00 "), "{line:?}");
+        assert!(line.contains(" c\\u{7f}         r\\n    "), "{line:?}");
+        assert!(line.ends_with(" 5/s\\u{1b}[2J/a\\rb/p\\u{9b}"), "{line:?}");
     }
 }

@@ -118,6 +118,50 @@ fn allow_applies_to_direct_listeners() {
     assert_eq!(dev.count(), 1, "device connections");
 }
 
+#[test]
+fn ipv4_mapped_network_shorter_than_96_is_refused_at_start() {
+    // Issue 13: `::ffff:10.0.0.0/8` used to become "every IPv4 address" (its 8 bits lie
+    // in the ::ffff: prefix) and admitted 127.0.0.2; `stop_from=::ffff:192.168.1.0/24`
+    // obeyed STOP from it. Both must stop the daemon at start, naming the line.
+    for bad in [
+        "allow=::ffff:10.0.0.0/8",
+        "stop_from=::ffff:192.168.1.0/24",
+        "connect_to=[::ffff:10.0.0.0/95]:80",
+    ] {
+        let f = ScratchFile::new("mapped.ini", &format!("[host]\n; mapped\n{bad}\n"));
+        let o = run_to_exit(&["-a", "127.0.0.1", "-p", "0", "-c", &f.arg()], dur(10_000));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "exit status for {bad:?}; stderr:\n{err}"
+        );
+        let first = err.lines().next().unwrap_or("");
+        let key = bad.split('=').next().unwrap_or(bad);
+        assert!(
+            first.contains("line 3") && first.contains(key) && first.contains("/96"),
+            "the first stderr line for {bad:?} should name line 3, {key} and /96:\n{err}"
+        );
+        assert!(
+            !err.contains("(commands)"),
+            "ready before failing on {bad:?}"
+        );
+    }
+}
+
+#[test]
+fn ipv4_mapped_network_matches_exactly_the_ipv4_network() {
+    // ::ffff:10.0.0.0/104 is 10.0.0.0/8: nothing of 127.0.0.0/8.
+    let (_l, _f, d) = daemon_ini("[host]\nallow=::ffff:10.0.0.0/104, ::ffff:127.0.0.1/128\n");
+    expect_refused(lo(2), d.addr);
+    d.wait_log(dur(5_000), "refused connection from 127.0.0.2", |l| {
+        l.contains("refused connection from 127.0.0.2:")
+    });
+    let mut c = expect_greeted(HOME, &d);
+    c.send(b"QUIT\n");
+    c.expect_line_then_eof("OK QUIT");
+}
+
 // ---------------------------------------------------------------------------------------
 // stop_from=
 
@@ -526,4 +570,43 @@ fn bad_values_exit_1_naming_the_line() {
             "ready before failing on {bad:?}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The proxy never relays to itself
+
+#[test]
+fn conn_to_one_of_our_own_ports_is_refused_so_stop_from_cannot_be_bypassed() {
+    // Issue 13 item 1: from 127.0.0.2 with stop_from=127.0.0.1, `CONN 127.0.0.1:<command
+    // port>` then `STOP` stopped the daemon: the relayed connection came from loopback.
+    let direct = free_port();
+    let (_l, _f, mut d) = daemon_ini(&format!(
+        "[host]\nip=0.0.0.0\nstop_from=127.0.0.1/32\n[direct]\n{direct}=127.0.0.1:9\n"
+    ));
+    let port = d.addr.port();
+    let targets = [
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.7:{port}"),
+        format!("0.0.0.0:{port}"),
+        format!("127.0.0.1:{direct}"),
+    ];
+    for target in &targets {
+        let mut c = expect_greeted(lo(2), &d);
+        c.send(format!("CONN {target}\nSTOP\n").as_bytes());
+        c.expect_line_then_eof("ERR CONN Destination is this proxy");
+        d.wait_log(dur(5_000), "the refusal logged", |l| {
+            l.contains("refused CONN from 127.0.0.2:") && l.contains("that is this proxy")
+        });
+    }
+    // A name that resolves to us: refused too (or, where it also resolves to an address
+    // nothing listens on, that connect's error); never a relay.
+    let mut c = expect_greeted(lo(2), &d);
+    c.send(format!("CONN localhost:{port}\nSTOP\n").as_bytes());
+    let line = c.line_within(dur(10_000));
+    assert!(line.starts_with("ERR CONN "), "{line:?}");
+    assert!(d.running(), "STOP reached the daemon through a relay");
+    assert!(
+        !d.log_lines().iter().any(|l| l.contains("STOP from")),
+        "a STOP was accepted"
+    );
 }

@@ -339,6 +339,68 @@ fn stat_marks_the_asker_and_lists_every_connection() {
     idle.expect_line_then_eof("OK QUIT");
 }
 
+/// Bytes a terminal would act on: C0 controls but LF, DEL, and the C1 controls
+/// (U+0080-U+009F, two bytes in UTF-8: 0xC2 0x80-0x9F).
+fn control_bytes(text: &[u8]) -> Vec<(usize, u8)> {
+    let mut found: Vec<(usize, u8)> = text
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| (b < 0x20 && b != b'\n') || b == 0x7f)
+        .map(|(i, &b)| (i, b))
+        .collect();
+    found.extend(
+        text.windows(2)
+            .enumerate()
+            .filter(|(_, w)| w[0] == 0xc2 && (0x80..=0x9f).contains(&w[1]))
+            .map(|(i, w)| (i + 1, w[1])),
+    );
+    found
+}
+
+#[test]
+fn stat_shows_other_clients_fields_escaped_on_one_line() {
+    // Issue 13: a NTFY target with an escape sequence and a CR reached the STAT
+    // reader's terminal as is.
+    let (_l, d) = daemon();
+    let dev = EchoDevice::start();
+    let (mut by_cmd, by_cmd_id) = d.client();
+    by_cmd.send(b"NTFY 5 svc\x1b[2Jx act\rq\x7f p\x07\xc2\x9bid\n");
+    by_cmd.expect_line("OK NTFY");
+    let (mut by_conn, by_conn_id) = d.client();
+    let pid = conn_ok(
+        &mut by_conn,
+        &format!("CONN {} NTFY=6/s\x1b]0;t\x07/a\rb/p\x08q", dev.target()),
+    );
+    // OK CONN quotes the pid: escaped like every reply that quotes input.
+    assert_eq!(pid, "p\\u{8}q", "the pid in OK CONN");
+
+    let (mut c, _) = d.client();
+    c.send(b"STAT\nQUIT\n");
+    let all = c.read_to_eof(dur(5_000));
+    let text = String::from_utf8_lossy(&all);
+    assert!(text.ends_with("OK QUIT\n"), "STAT + QUIT: {text:?}");
+    assert_eq!(
+        control_bytes(&all),
+        vec![],
+        "control bytes (offset, byte) in STAT:\n{text:?}"
+    );
+    // Escaped, not dropped: each row is one line and still says what was set.
+    let row = |id: &str| {
+        text.lines()
+            .find(|l| l.get(1..).is_some_and(|l| l.starts_with(id)))
+            .unwrap_or_else(|| panic!("no row for {id} in {text:?}"))
+            .to_string()
+    };
+    let r = row(&by_cmd_id);
+    assert!(
+        r.ends_with(" 5/svc\\u{1b}[2Jx/act\\rq\\u{7f}/p\\u{7}\\u{9b}id"),
+        "{r:?}"
+    );
+    let r = row(&by_conn_id);
+    assert!(r.ends_with(" 6/s\\u{1b}]0;t\\u{7}/a\\rb/p\\u{8}q"), "{r:?}");
+    assert_eq!(text.lines().count(), 5, "header, 3 rows, OK QUIT: {text:?}");
+}
+
 #[test]
 fn stat_keeps_the_connection_in_command_mode() {
     let (_l, d) = daemon();
@@ -508,7 +570,9 @@ fn an_error_with_more_input_behind_it_ends_with_a_clean_close() {
     c.expect_line("ERR BLKS Invalid block size");
     // A raw read: the test client takes a reset for an end elsewhere.
     let mut byte = [0u8; 1];
-    c.stream.set_read_timeout(Some(dur(5_000))).expect("timeout");
+    c.stream
+        .set_read_timeout(Some(dur(5_000)))
+        .expect("timeout");
     match std::io::Read::read(&mut c.stream, &mut byte) {
         Ok(0) => {}
         other => panic!("expected a clean end of stream after the reply, got {other:?}"),

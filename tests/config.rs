@@ -432,6 +432,117 @@ fn direct_listeners_connect_at_once_without_greeting() {
     c4.expect_eof(dur(7_000));
 }
 
+/// Runs the daemon on 127.0.0.1 with `extra` arguments after `-c <ini>` and expects it
+/// to exit 1 before getting ready; returns the first stderr line.
+#[track_caller]
+fn refused_at_start(ini: &str, extra: &[&str]) -> String {
+    let s = Scratch::new("refused");
+    let cfg = s.file("refused.ini", ini);
+    let mut a = vec![
+        "-a",
+        "127.0.0.1",
+        "-p",
+        "0",
+        "-N",
+        "http://127.0.0.1:9",
+        "-c",
+    ];
+    a.push(&cfg);
+    a.extend_from_slice(extra);
+    let o = run_to_exit(&a, dur(10_000));
+    assert_exit(&o, 1, &format!("exit code for {ini:?} then {extra:?}"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !err.contains("(commands)"),
+        "ready before failing on {ini:?}:\n{err}"
+    );
+    err.lines().next().unwrap_or("").to_string()
+}
+
+#[test]
+fn direct_udp_with_blks_above_a_datagram_is_a_config_error() {
+    // Issue 13: PRTO=udp caps BLKS at 65507, the largest UDP payload.
+    let first = refused_at_start(
+        "[direct]\n; udp\n9100=CONN 127.0.0.1:9 PRTO=udp BLKS=65508\n",
+        &[],
+    );
+    assert!(
+        first.contains("line 3") && first.contains("[direct] 9100") && first.contains("65507"),
+        "the first stderr line should name line 3, the entry and the limit: {first:?}"
+    );
+    // The limit itself is fine (the daemon starts and serves).
+    let s = Scratch::new("udpok");
+    let cfg = s.file(
+        "ok.ini",
+        &format!(
+            "[direct]\n{}=CONN 127.0.0.1:9 PRTO=udp BLKS=65507\n",
+            free_port()
+        ),
+    );
+    let mut a = std_args("http://127.0.0.1:9");
+    a.extend(args(&["-c", &cfg]));
+    let d = Daemon::start_args(&a);
+    d.direct_addr("127.0.0.1:9");
+}
+
+#[test]
+fn direct_entry_pointing_at_our_own_port_is_a_config_error() {
+    // Issue 13: a [direct] entry that relays to one of our own listeners hands its
+    // client a connection from loopback (STOP, allow= and connect_to= see loopback).
+    let (cmd, d1, d2) = (free_port(), free_port(), free_port());
+    let cmd_s = cmd.to_string();
+    for (ini, extra, own) in [
+        // The command port, set on the command line after the file.
+        (
+            format!("[direct]\n; self\n{d1}=CONN 127.0.0.1:{cmd}\n"),
+            vec!["-p", &cmd_s],
+            cmd,
+        ),
+        // The same, set in the file after the entry, by name.
+        (
+            format!("[direct]\n\n{d1}=localhost:{cmd}\n[host]\nport={cmd}\n"),
+            vec![],
+            cmd,
+        ),
+        // Another [direct] port, written further down; 0.0.0.0 reaches 127.0.0.1.
+        (
+            format!("[direct]\n\n{d1}=CONN 0.0.0.0:{d2}\n{d2}=127.0.0.1:9\n"),
+            vec![],
+            d2,
+        ),
+        // Itself, through an IPv4-mapped address.
+        (
+            format!("[direct]\n\n{d1}=CONN [::ffff:127.0.0.1]:{d1}\n"),
+            vec![],
+            d1,
+        ),
+    ] {
+        let first = refused_at_start(&ini, &extra);
+        assert!(
+            first.contains("line 3")
+                && first.contains(&format!("[direct] {d1}"))
+                && first.contains(&format!("our own port {own}")),
+            "for {ini:?} then {extra:?}, the first stderr line should name line 3, \
+             [direct] {d1} and our own port {own}: {first:?}"
+        );
+    }
+    // Another loopback address with our port number is not us: 127.0.0.1 only.
+    let s = Scratch::new("notself");
+    let cfg = s.file("ok.ini", &format!("[direct]\n{d1}=CONN 127.0.0.2:{cmd}\n"));
+    let a = args(&[
+        "-a",
+        "127.0.0.1",
+        "-p",
+        &cmd_s,
+        "-N",
+        "http://127.0.0.1:9",
+        "-c",
+        &cfg,
+    ]);
+    let d = Daemon::start_args(&a);
+    d.direct_addr(&format!("127.0.0.2:{cmd}"));
+}
+
 #[test]
 fn log_file_from_option_and_ini() {
     let s = Scratch::new("logfile");

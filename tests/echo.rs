@@ -556,6 +556,90 @@ fn udp_one_client_read_of_at_most_blks_is_one_datagram_and_rtim_applies() {
     d.wait_no_other_connections(dur(3_000), "after UDP RTIM");
 }
 
+/// The largest UDP payload over IPv4: 65535 - 8 (UDP header) - 20 (IP header).
+const MAX_UDP: usize = 65_507;
+
+#[test]
+fn udp_blks_above_the_largest_datagram_is_refused() {
+    // Issue 13: PRTO=udp BLKS=100000 was accepted; a 70,000-byte client write then
+    // failed with EMSGSIZE and reset the client.
+    let (_l, d) = daemon();
+    let peer = UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    let t = peer.local_addr().expect("addr");
+    let want = "ERR CONN BLKS above 65507 for UDP";
+    for line in [
+        format!("CONN {t} PRTO=udp BLKS=100000"),
+        format!("CONN {t} BLKS=65508 PRTO=udp"),
+        format!("CONN {t} PRTO=UDP BLKS=1048576 NTFY=5"),
+    ] {
+        let (mut c, _) = d.client();
+        c.send(format!("{line}\n").as_bytes());
+        assert_eq!(c.line_within(dur(8_000)), want, "answer to {line:?}");
+        c.expect_eof(dur(5_000));
+    }
+    // BLKS set by the command before a CONN that asks for UDP.
+    let (mut c, _) = d.client();
+    c.send(format!("BLKS 100000\nCONN {t} PRTO=udp\n").as_bytes());
+    c.expect_line("OK BLKS");
+    c.expect_line_then_eof(want);
+    // The limit itself is fine, and so is a large BLKS over TCP or one a later
+    // option brings back under the limit.
+    let (mut c, _) = d.client();
+    conn_ok(&mut c, &format!("CONN {t} PRTO=udp BLKS={MAX_UDP}"));
+    let (mut c2, _) = d.client();
+    conn_ok(&mut c2, &format!("CONN {t} BLKS=100000 PRTO=udp BLKS=4096"));
+    let dev = Device::listen();
+    let (mut c3, _) = d.client();
+    conn_ok(&mut c3, &format!("CONN {} BLKS=100000", dev.target()));
+    peer.set_nonblocking(true).expect("nonblocking");
+    let mut buf = [0u8; 16];
+    assert!(
+        peer.recv_from(&mut buf).is_err(),
+        "a datagram reached the peer"
+    );
+}
+
+#[test]
+fn udp_client_write_longer_than_a_datagram_is_split_and_keeps_the_client() {
+    let (_l, d) = daemon();
+    let peer = UdpSocket::bind("127.0.0.1:0").expect("udp bind");
+    peer.set_read_timeout(Some(dur(5_000))).expect("timeout");
+    let (mut c, _) = d.client();
+    let target = peer.local_addr().expect("addr");
+    conn_ok(&mut c, &format!("CONN {target} PRTO=udp BLKS={MAX_UDP}"));
+    let data = payload(70_000, 13);
+    c.send(&data);
+    let mut got = Vec::new();
+    let mut sizes = Vec::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut from = None;
+    while got.len() < data.len() {
+        let (n, f) = peer
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram after {sizes:?}: {e}"));
+        from = Some(f);
+        sizes.push(n);
+        got.extend_from_slice(&buf[..n]);
+    }
+    // One client read of at most BLKS, one datagram: 65,507 + 2,493 when the whole
+    // write is waiting at the first read, more pieces if TCP handed it over in parts.
+    eprintln!("datagram sizes: {sizes:?}");
+    assert!(
+        sizes.len() >= 2 && sizes.iter().all(|&n| n <= MAX_UDP),
+        "datagram sizes {sizes:?}"
+    );
+    check_same("the datagrams", &got, &data);
+    // The client connection is still open: another exchange works both ways.
+    c.send(b"again");
+    let (n, _) = peer
+        .recv_from(&mut buf)
+        .expect("datagram after the big write");
+    assert_eq!(&buf[..n], b"again");
+    let from = from.expect("a sender");
+    peer.send_to(b"reply", from).expect("send_to");
+    assert_eq!(c.read_n(5, dur(5_000)), b"reply");
+}
+
 #[test]
 fn remote_reset_ends_the_connection() {
     let (_l, d) = daemon();

@@ -8,7 +8,8 @@
 //! inside just past the prefix, one just outside it.
 //!
 //! Checks: no panic; the list is accepted exactly when every item parses by
-//! an independent reading of the syntax in `acl.rs`; its text parses back to
+//! an independent reading of the syntax in `acl.rs` (an IPv4-mapped network
+//! must be /96 or longer, so no rule is wider than written); its text parses back to
 //! the same list; `contains` agrees with a reference that compares prefixes
 //! as 128-bit numbers, IPv4 as IPv4-mapped IPv6.
 
@@ -66,7 +67,10 @@ fn item(s: &str) -> Option<Item> {
     let net: IpAddr = addr.parse().ok()?;
     let max = if net.is_ipv4() { 32 } else { 128 };
     let len = len.unwrap_or(max);
-    (len <= max).then_some(Item { net, len, port })
+    // An IPv4-mapped network shorter than /96 would reach into the ::ffff:
+    // prefix: refused (issue 13; it used to match every IPv4 address).
+    let mapped = matches!(net, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
+    (len <= max && !(mapped && len < 96)).then_some(Item { net, len, port })
 }
 
 /// IPv4 as IPv4-mapped IPv6, as a number.

@@ -34,8 +34,8 @@ use sockproxyd::conn::{
     TURN_BUDGET,
 };
 use sockproxyd::protocol::{
-    self, CAPA_REPLY, Command, ConnRequest, HELP_REPLY, Limits, MAX_BLKS, MAX_LINE, Settings,
-    parse_command,
+    self, CAPA_REPLY, Command, ConnRequest, HELP_REPLY, Limits, MAX_BLKS, MAX_LINE, OneLine,
+    Settings, Transport, parse_command,
 };
 use sockproxyd::stat;
 
@@ -123,9 +123,17 @@ fn model(stream: &[u8], limits: &Limits, f: &Flags) -> Expect {
             Command::Blank => {}
             Command::Conn(req) => {
                 let s = req.settings(&settings);
+                // PROTOCOL.md "Echo mode": a UDP datagram carries at most
+                // 65507 bytes, whichever of BLKS and CONN set the size.
+                if s.transport == Transport::Udp && s.blks > 65_507 {
+                    reply(&mut e, "ERR CONN BLKS above 65507 for UDP\n");
+                    e.events.push(Ev::Close);
+                    return e;
+                }
                 if f.connect_ok {
                     let pid = s.ntfy.as_ref().and_then(|t| t.pid.as_deref()).unwrap_or(ID);
-                    reply(&mut e, &format!("OK CONN {pid}\n"));
+                    // The pid is quoted input: one printable line.
+                    reply(&mut e, &format!("OK CONN {}\n", OneLine(pid)));
                     e.closed = false;
                 } else {
                     reply(&mut e, &format!("ERR CONN {REFUSED}\n"));

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 
 use sockproxyd::config::{Config, ConfigError};
-use sockproxyd::protocol::{self, Settings};
+use sockproxyd::protocol::{self, Settings, Transport};
 
 /// Bounds `config.rs` promises for `[host] max_line=`, `max_blks=`, `max_conns=`.
 pub const MAX_MAX_LINE: usize = 1 << 20;
@@ -85,6 +85,13 @@ pub fn check_config(c: &Config) {
         assert!(
             (1..=MAX_MAX_BLKS).contains(&s.blks),
             "[direct] {}: BLKS={}",
+            d.port,
+            s.blks
+        );
+        // PRTO=udp: BLKS fits in one datagram (issue 13).
+        assert!(
+            s.transport == Transport::Tcp || s.blks <= protocol::MAX_UDP_BLKS,
+            "[direct] {}: UDP with BLKS={}",
             d.port,
             s.blks
         );
