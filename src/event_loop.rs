@@ -568,7 +568,7 @@ impl EventLoop {
         // PROTOCOL.md "Notifications": one final notification so the
         // plugin reads "closed" (coalesced with one still waiting).
         if let Some(job) = c.claim_notify() {
-            self.ctx.notifier.send(job);
+            self.ctx.notifier.send_final(job);
         }
     }
 

@@ -11,6 +11,7 @@ pub mod ini;
 pub mod logging;
 pub mod notify;
 pub mod protocol;
+pub mod ratelog;
 pub mod resolve;
 pub mod stat;
 pub mod timer;
