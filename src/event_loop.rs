@@ -571,6 +571,9 @@ impl EventLoop {
         let Some(mut s) = self.sessions.try_remove(key) else {
             return;
         };
+        if matches!(s.remote, Remote::Resolving) {
+            self.ctx.resolver.cancel(key, s.serial);
+        }
         let _ = self.ctx.registry.deregister(&mut s.client.sock);
         drop_remote(&mut s, &self.ctx.registry);
         let c = &s.conn;
@@ -627,6 +630,9 @@ impl EventLoop {
             Kind::Connect => {
                 let target = s.conn.target.clone().unwrap_or_default();
                 info!("{}: connect to {target} timed out", s.conn.id);
+                if matches!(s.remote, Remote::Resolving) {
+                    self.ctx.resolver.cancel(key, s.serial);
+                }
                 drop_remote(s, &self.ctx.registry);
                 s.conn.connect_failed("Connection timed out", now);
                 self.process(key, now);
