@@ -8,6 +8,7 @@ pub mod config;
 pub mod conn;
 pub mod event_loop;
 pub mod ini;
+pub mod limits;
 pub mod logging;
 pub mod notify;
 pub mod protocol;

@@ -36,7 +36,7 @@ const REQUEST_HEAD: usize = 512;
 /// Notifications in flight at once: enough that 500 busy connections are
 /// not served one GET at a time, few enough for a router. Each connection
 /// still has at most one waiting (`Job::claim`).
-const WORKERS: usize = 4;
+pub const WORKERS: usize = 4;
 /// ureq needs little stack; the default 2 MiB per thread is address space a
 /// 32-bit router can use better.
 const STACK: usize = 256 * 1024;
