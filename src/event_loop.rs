@@ -30,6 +30,7 @@ use crate::conn::{Conn, reason};
 use crate::logging::LogFile;
 use crate::notify::Notifier;
 use crate::protocol::{self, ConnRequest};
+use crate::ratelog::RateLog;
 use crate::resolve::{self, Resolver};
 use crate::selfcheck::OwnPorts;
 use crate::session::{self, Ctx, Policy, Session, Verdict, client_token};
@@ -106,6 +107,8 @@ pub struct EventLoop {
     accept_failing: bool,
     /// At max_conns: logged once until a connection is let in again.
     at_capacity: bool,
+    /// Clients refused by allow=: a line at most every 10 s.
+    refused: RateLog,
 }
 
 /// Serves until STOP or a signal; `Err` only if the poll itself fails.
@@ -175,6 +178,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io
         stopping: None,
         accept_failing: false,
         at_capacity: false,
+        refused: RateLog::default(),
     };
     let result = lp.serve();
     lp.shutdown();
@@ -284,7 +288,20 @@ impl EventLoop {
             if let Some(allow) = &policy.allow
                 && !allow.contains(addr.ip(), None)
             {
-                info!("refused connection from {addr}: not in allow={allow}");
+                debug!("refused connection from {addr}: not in allow={allow}");
+                // A host knocking in a loop must not fill the log (in RAM
+                // on a Vera): one line at most every 10 s, with the count.
+                match self.refused.event(now) {
+                    Some(1) => info!(
+                        "refused a client not in allow={allow}: {addr} \
+                         (such refusals are logged at most every 10 s)"
+                    ),
+                    Some(n) => info!(
+                        "refused {n} clients not in allow={allow} since the last \
+                         such line, the latest {addr}"
+                    ),
+                    None => {}
+                }
                 continue;
             }
             if self.sessions.len() >= policy.max_conns {
@@ -387,7 +404,7 @@ impl EventLoop {
         // plugin reads "closed" (coalesced with one still waiting), unless
         // it already knows.
         if let Some(job) = c.final_notify() {
-            self.ctx.notifier.send(job);
+            self.ctx.notifier.send_final(job);
         }
     }
 

@@ -1,21 +1,23 @@
 //! sockproxyd: a socket proxy for Vera and openLuup plugins, a drop-in
 //! replacement for toggledbits' Lua sockproxyd (see PROTOCOL.md).
 //!
-//! `main` only orders the start: configuration, logging, binding, then the
-//! event loop; every failure on the way becomes one line and an exit code.
+//! `main` only orders the start: configuration, logging, the descriptor
+//! limit (raised, and `max_conns` sized to it once the listeners are bound),
+//! binding, then the event loop; every failure on the way becomes one line
+//! and an exit code.
 
 use std::process::ExitCode;
 
-use log::{error, warn};
+use log::{error, info, warn};
 use sockproxyd::config::{self, ConfigError, Parsed};
-use sockproxyd::{event_loop, logging, protocol};
+use sockproxyd::{event_loop, limits, logging, protocol};
 
 fn main() -> ExitCode {
     ExitCode::from(run())
 }
 
 fn run() -> u8 {
-    let config = match config::parse_args(std::env::args_os().skip(1)) {
+    let mut config = match config::parse_args(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(config)) => *config,
         Ok(Parsed::Help) => {
             println!("{}", config::USAGE);
@@ -51,6 +53,7 @@ fn run() -> u8 {
     for w in &config.warnings {
         warn!("{w}");
     }
+    let nofile = raise_nofile();
     // PROTOCOL.md "Listening": one clear line on stderr (and in the log
     // file, if there is one) before the daemon reports itself ready.
     let fail = |msg: &str| {
@@ -64,8 +67,61 @@ fn run() -> u8 {
         Ok(l) => l,
         Err(msg) => return fail(&msg),
     };
+    if let Some(soft) = nofile {
+        config.max_conns = size_max_conns(config.max_conns, soft, listeners.len());
+    }
     match event_loop::run(config, listeners, log.clone()) {
         Ok(()) => 0,
         Err(e) => fail(&format!("event loop failed: {e}")),
     }
+}
+
+/// Raises the descriptor limit to the hard one and says so; the soft limit
+/// in force, `None` if it cannot be read.
+fn raise_nofile() -> Option<u64> {
+    match limits::raise_nofile() {
+        Ok((n, None)) if n.soft > n.was => {
+            info!(
+                "descriptors: soft limit raised from {} to {} (hard limit {})",
+                n.was, n.soft, n.hard
+            );
+            Some(n.soft)
+        }
+        Ok((n, None)) => {
+            info!("descriptors: limit {} (hard limit {})", n.soft, n.hard);
+            Some(n.soft)
+        }
+        Ok((n, Some(e))) => {
+            warn!(
+                "descriptors: cannot raise the soft limit {} to the hard limit {}: {e}",
+                n.was, n.hard
+            );
+            Some(n.soft)
+        }
+        Err(e) => {
+            warn!("descriptors: cannot read the limit: {e}");
+            None
+        }
+    }
+}
+
+/// `max_conns` lowered so that every connection's descriptors fit beside
+/// the daemon's own (`limits`); a warning when it is lowered.
+fn size_max_conns(configured: usize, nofile: u64, listeners: usize) -> usize {
+    // stdio, the log, the listeners: what /proc would show.
+    let guess = u64::try_from(listeners)
+        .unwrap_or(u64::MAX)
+        .saturating_add(4);
+    let fixed = limits::fixed(limits::open_now(guess));
+    let fit = limits::conn_limit(configured, nofile, fixed);
+    if fit < configured {
+        warn!(
+            "max_conns={configured} lowered to {fit}: {nofile} descriptors (RLIMIT_NOFILE) \
+             hold {fit} connections at {} each beside the {fixed} the daemon keeps for \
+             itself; raise the hard limit (ulimit -Hn, or the init system's nofile \
+             limit) to allow more",
+            limits::PER_CONN
+        );
+    }
+    fit
 }

@@ -4,9 +4,12 @@
 //! In scope: building the URL, performing the GET (5 s timeout), judging
 //! the answer (Vera: 401; openLuup: 200 with a body starting `ERROR:`) and
 //! warning once per connection; a few workers so that a slow answer does not
-//! hold up every other connection's notification. Out of scope: deciding
-//! when to notify (coalescing and PACE are the loop's, through
-//! `Job::claim`); connections.
+//! hold up every other connection's notification; the queues: open
+//! connections' notifications first, then final ones of connections that
+//! have gone, of which at most `FINALS_MAX` wait (beyond, the oldest is
+//! dropped and counted in a rate-limited line), so that the queue's memory
+//! is bounded whatever Luup does. Out of scope: deciding when to notify
+//! (coalescing and PACE are the loop's, through `Job::claim`); connections.
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -18,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 
-use crate::protocol::NotifyTarget;
+use crate::protocol::{NotifyTarget, OneLine};
+use crate::ratelog::RateLog;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// How much of an answer's body is read to look for `ERROR:`.
@@ -32,7 +36,7 @@ const REQUEST_HEAD: usize = 512;
 /// Notifications in flight at once: enough that 500 busy connections are
 /// not served one GET at a time, few enough for a router. Each connection
 /// still has at most one waiting (`Job::claim`).
-const WORKERS: usize = 4;
+pub const WORKERS: usize = 4;
 /// ureq needs little stack; the default 2 MiB per thread is address space a
 /// 32-bit router can use better.
 const STACK: usize = 256 * 1024;
@@ -137,11 +141,87 @@ struct Queue {
     ready: Condvar,
 }
 
+/// Final notifications that may wait at once. Beyond it the oldest is
+/// dropped: with Luup stalled, each gone connection would otherwise leave
+/// ~400 bytes here for good. Above the default max_conns, so that a
+/// shutdown keeps every connection's final notification.
+pub const FINALS_MAX: usize = 1024;
+/// The live queue is looked through for jobs of gone connections once it
+/// is this long, then again at twice its length after the sweep.
+const SWEEP_MIN: usize = 64;
+
 #[derive(Default)]
 struct Jobs {
-    waiting: VecDeque<Arc<Job>>,
-    /// The loop has finished: workers leave once `waiting` is empty.
+    /// Notifications of open connections, served first: each connection has
+    /// at most one waiting (`Job::claim`).
+    live: VecDeque<Arc<Job>>,
+    /// Final notifications of connections that have gone, at most
+    /// `FINALS_MAX`; served when no live one waits.
+    finals: VecDeque<Arc<Job>>,
+    /// `live.len()` at which the next sweep runs (`Jobs::push_live`).
+    sweep_at: usize,
+    /// Finals dropped at the cap, for the log.
+    dropped: RateLog,
+    /// The loop has finished: workers leave once both queues are empty.
     finished: bool,
+}
+
+impl Jobs {
+    fn push_live(&mut self, job: Arc<Job>, now: Instant) -> Option<String> {
+        self.live.push_back(job);
+        if self.live.len() < self.sweep_at.max(SWEEP_MIN) {
+            return None;
+        }
+        // A job queued while its connection was open stays here when the
+        // connection goes (its final notification is coalesced with it):
+        // move those to the finals, under their cap. A job in a queue is
+        // held by the queue and, while it is open, by its connection only
+        // (workers hold the jobs they have taken out), so a count of one
+        // means the connection has gone; it never rises again.
+        let mut line = None;
+        let (gone, open): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.live)
+            .into_iter()
+            .partition(|j| Arc::strong_count(j) == 1);
+        self.live = open;
+        for job in gone {
+            line = self.push_final(job, now).or(line);
+        }
+        self.sweep_at = self.live.len().saturating_mul(2);
+        line
+    }
+
+    /// Queues a final notification; at the cap, drops the oldest. Returns
+    /// the log line to write (outside the lock), rate-limited.
+    fn push_final(&mut self, job: Arc<Job>, now: Instant) -> Option<String> {
+        self.finals.push_back(job);
+        if self.finals.len() <= FINALS_MAX {
+            return None;
+        }
+        let old = self.finals.pop_front()?;
+        let n = self.dropped.event(now)?;
+        Some(format!(
+            "Luup is not keeping up with final notifications: dropped {n} \
+             (the latest for {}; at most {FINALS_MAX} wait)",
+            old.conn
+        ))
+    }
+
+    /// The next job: live ones first. The line, when the finals have run
+    /// out after some were dropped, gives the count not logged yet.
+    fn pop(&mut self) -> (Option<Arc<Job>>, Option<String>) {
+        if let Some(job) = self.live.pop_front() {
+            return (Some(job), None);
+        }
+        let job = self.finals.pop_front();
+        let line = if self.finals.is_empty() {
+            self.dropped.end().map(|n| {
+                format!("Luup is not keeping up with final notifications: dropped {n} more")
+            })
+        } else {
+            None
+        };
+        (job, line)
+    }
 }
 
 impl Queue {
@@ -149,13 +229,31 @@ impl Queue {
     fn next(&self) -> Option<Arc<Job>> {
         let mut jobs = self.jobs.lock().ok()?;
         loop {
-            if let Some(job) = jobs.waiting.pop_front() {
-                return Some(job);
+            let (job, line) = jobs.pop();
+            if let Some(line) = line {
+                warn!("{line}");
+            }
+            if job.is_some() {
+                return job;
             }
             if jobs.finished {
                 return None;
             }
             jobs = self.ready.wait(jobs).ok()?;
+        }
+    }
+
+    fn push(&self, job: Arc<Job>, push: fn(&mut Jobs, Arc<Job>, Instant) -> Option<String>) {
+        // A worker that panicked while holding the lock poisons it; the loop
+        // goes on without notifications rather than stopping.
+        let Ok(mut jobs) = self.jobs.lock() else {
+            return;
+        };
+        let line = push(&mut jobs, job, Instant::now());
+        drop(jobs);
+        self.ready.notify_one();
+        if let Some(line) = line {
+            warn!("{line}");
         }
     }
 }
@@ -183,16 +281,17 @@ impl Notifier {
         Ok(Notifier { queue, done })
     }
 
-    /// Queues a GET and wakes one idle worker; never blocks for longer than
-    /// a worker takes to pop a job.
+    /// Queues a GET for an open connection and wakes one idle worker; never
+    /// blocks for longer than a worker takes to pop a job.
     pub fn send(&self, job: Arc<Job>) {
-        // A worker that panicked while holding the lock poisons it; the loop
-        // goes on without notifications rather than stopping.
-        if let Ok(mut jobs) = self.queue.jobs.lock() {
-            jobs.waiting.push_back(job);
-            drop(jobs);
-            self.queue.ready.notify_one();
-        }
+        self.queue.push(job, Jobs::push_live);
+    }
+
+    /// Queues the final notification of a connection that has gone
+    /// (PROTOCOL.md "Notifications"): after every live one, and dropped
+    /// (oldest first, logged) beyond `FINALS_MAX` waiting.
+    pub fn send_final(&self, job: Arc<Job>) {
+        self.queue.push(job, Jobs::push_final);
     }
 
     /// Lets the workers send what is queued, waiting at most `wait`.
@@ -240,9 +339,14 @@ fn work(queue: &Queue) {
             match get(&agent, &job.url) {
                 Ok(()) => debug!("{}: notified {}", job.conn, job.url),
                 Err(why) if !job.warned.swap(true, Ordering::Relaxed) => {
-                    warn!("{}: notification failed: {why}: {}", job.conn, job.url)
+                    warn!(
+                        "{}: notification failed: {}: {}",
+                        job.conn,
+                        OneLine(&why),
+                        job.url
+                    )
                 }
-                Err(why) => debug!("{}: notification failed: {why}", job.conn),
+                Err(why) => debug!("{}: notification failed: {}", job.conn, OneLine(&why)),
             }
             if !job.again() {
                 break;
@@ -316,5 +420,95 @@ mod tests {
         assert!(job.again());
         assert!(!job.again());
         assert!(job.claim(), "idle: queue a new one");
+    }
+
+    fn job(conn: &str) -> Arc<Job> {
+        let t = NotifyTarget {
+            device: 1,
+            service: "s".into(),
+            action: "a".into(),
+            pid: None,
+        };
+        Job::new(conn, "http://h:1", &t)
+    }
+
+    fn conns(q: &VecDeque<Arc<Job>>) -> Vec<&str> {
+        q.iter().map(|j| j.conn.as_str()).collect()
+    }
+
+    #[test]
+    fn live_jobs_go_before_finals() {
+        let now = Instant::now();
+        let mut jobs = Jobs::default();
+        let open = job("open");
+        assert_eq!(jobs.push_final(job("gone1"), now), None);
+        assert_eq!(jobs.push_final(job("gone2"), now), None);
+        assert_eq!(jobs.push_live(Arc::clone(&open), now), None);
+        let order: Vec<String> = std::iter::from_fn(|| jobs.pop().0)
+            .map(|j| j.conn.clone())
+            .collect();
+        assert_eq!(order, ["open", "gone1", "gone2"]);
+    }
+
+    #[test]
+    fn finals_beyond_the_cap_drop_the_oldest_and_say_so_once() {
+        let now = Instant::now();
+        let mut jobs = Jobs::default();
+        let mut lines = Vec::new();
+        for i in 0..FINALS_MAX + 500 {
+            lines.extend(jobs.push_final(job(&format!("g{i}")), now));
+        }
+        assert_eq!(jobs.finals.len(), FINALS_MAX);
+        assert_eq!(jobs.finals.front().map(|j| j.conn.as_str()), Some("g500"));
+        assert_eq!(lines.len(), 1, "one line for the episode: {lines:?}");
+        assert!(lines[0].contains("dropped 1 "), "{}", lines[0]);
+        // A summary comes with the next drop after the interval...
+        let later = now + crate::ratelog::INTERVAL;
+        let line = jobs.push_final(job("late"), later);
+        assert!(
+            line.as_deref().is_some_and(|l| l.contains("dropped 500 ")),
+            "{line:?}"
+        );
+        lines.clear();
+        jobs.push_final(job("late2"), later);
+        // ...and when the finals have all gone out, the rest of the count.
+        while let (Some(_), line) = jobs.pop() {
+            lines.extend(line);
+        }
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].ends_with("dropped 1 more"), "{}", lines[0]);
+    }
+
+    #[test]
+    fn live_jobs_of_gone_connections_move_to_the_finals() {
+        let now = Instant::now();
+        let mut jobs = Jobs::default();
+        // Connections keep their own handle on their job while open.
+        let mut open = Vec::new();
+        for i in 0..SWEEP_MIN * 3 {
+            let j = job(&format!("c{i}"));
+            jobs.push_live(Arc::clone(&j), now);
+            if i % 3 == 0 {
+                open.push(j);
+            }
+        }
+        assert_eq!(
+            jobs.live.len() + jobs.finals.len(),
+            SWEEP_MIN * 3,
+            "nothing lost"
+        );
+        assert!(!jobs.finals.is_empty(), "a sweep has run");
+        assert!(
+            jobs.finals.iter().all(|j| Arc::strong_count(j) == 1),
+            "only gone connections' jobs among the finals: {:?}",
+            conns(&jobs.finals)
+        );
+        assert!(
+            open.iter()
+                .all(|j| jobs.live.iter().any(|l| Arc::ptr_eq(j, l))),
+            "every open connection's job still in the live queue"
+        );
+        assert!(jobs.live.len() < SWEEP_MIN * 2, "{}", jobs.live.len());
+        drop(open);
     }
 }

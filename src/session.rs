@@ -129,7 +129,7 @@ impl Session {
     /// timer is armed for the connection's next deadline.
     pub fn settle(&mut self, ctx: &mut Ctx, key: usize) {
         if !self.conn.needs_remote() {
-            self.drop_remote(&ctx.registry);
+            self.drop_remote(ctx, key);
         }
         let (client, remote) = self.conn.wants_read();
         self.client
@@ -158,17 +158,20 @@ impl Session {
     /// The session is closing: its sockets and its timer go.
     pub fn release(&mut self, ctx: &mut Ctx, key: usize) {
         self.client.deregister(&ctx.registry);
-        self.drop_remote(&ctx.registry);
+        self.drop_remote(ctx, key);
         if let Some(at) = self.armed.take() {
             ctx.timers.cancel(at, key, Kind::Conn);
         }
     }
 
-    pub fn drop_remote(&mut self, registry: &Registry) {
+    /// Lets the remote go: its socket, or its lookup (a lookup whose
+    /// client has gone is not made, PROTOCOL.md "Clients that hang up").
+    pub fn drop_remote(&mut self, ctx: &Ctx, key: usize) {
         match &mut self.remote {
-            Remote::Tcp(side) => side.deregister(registry),
-            Remote::Udp(side, _) => side.deregister(registry),
-            Remote::None | Remote::Resolving => {}
+            Remote::Tcp(side) => side.deregister(&ctx.registry),
+            Remote::Udp(side, _) => side.deregister(&ctx.registry),
+            Remote::Resolving => ctx.resolver.cancel(key, self.serial),
+            Remote::None => {}
         }
         self.remote = Remote::None;
     }
@@ -392,7 +395,7 @@ fn check_connect(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) {
         },
     };
     debug!("{}: connect failed: {}", s.conn.id, reason(&e));
-    s.drop_remote(&ctx.registry);
+    s.drop_remote(ctx, key);
     if s.addrs.is_empty() {
         let target = s.conn.target.clone().unwrap_or_default();
         info!("{}: cannot connect to {target}: {}", s.conn.id, reason(&e));

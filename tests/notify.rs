@@ -522,3 +522,160 @@ fn luup_401_warns_once_per_connection() {
 fn luup_error_body_warns_once_per_connection() {
     warns_once(LuupMode::ErrorBody);
 }
+
+/// A remote that resets every connection once the first byte has come through it:
+/// each connection through the daemon then ends on its own (an error on the remote
+/// side), and its final notification is due, whatever the client does.
+fn resetting_device() -> String {
+    use std::io::Read;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("local_addr");
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = s.read(&mut [0u8; 1]);
+            abort(s);
+        }
+    });
+    addr.to_string()
+}
+
+/// `n` connections through the daemon to `target`, on `threads` threads, each with
+/// NTFY (pid `<tag><i>`), each waited for until the daemon has closed it (so its final
+/// notification has been handed to the notifier).
+fn gone_connections(d: &Daemon, target: &str, tag: &str, n: usize, threads: usize) {
+    std::thread::scope(|sc| {
+        for t in 0..threads {
+            sc.spawn(move || {
+                for i in (t..n).step_by(threads) {
+                    let (mut c, _) = d.client();
+                    conn_ok(
+                        &mut c,
+                        &format!("CONN {target} NTFY=5/urn:x:serviceId:G1/Go/{tag}{i}"),
+                    );
+                    c.send(b"x");
+                    c.read_to_eof(dur(10_000));
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_live_notification_does_not_wait_behind_finals_of_gone_connections() {
+    // Issue 12: 1,500 closed NTFY connections, then a live plugin's data: its
+    // notification waited 19 s behind their final notifications though Luup answered
+    // each in 50 ms.
+    const GONE: usize = 1500;
+    let luup = FakeLuup::start();
+    luup.set_delay(Duration::from_millis(30));
+    let d = Daemon::start(&luup.url());
+    let resets = resetting_device();
+    gone_connections(&d, &resets, "g", GONE, 4);
+    let dev = Device::listen();
+    let (mut c, mut r) = through(&d, &dev, "NTFY=5/urn:x:serviceId:L1/Live/live");
+    let t0 = Instant::now();
+    r.send(b"news");
+    assert_eq!(c.read_n(4, dur(5_000)), b"news");
+    let n = luup.wait_pid("live", 1, dur(60_000));
+    let late = n[0].at.saturating_duration_since(t0);
+    let finals = luup.requests().len().saturating_sub(1);
+    eprintln!("live notification after {late:?}; {finals} of {GONE} finals sent by then");
+    assert!(
+        late < dur(2_000),
+        "the live notification reached Luup {late:?} after its data"
+    );
+}
+
+/// `n` connections to the `[direct]` port `addr`, on `threads` threads, each sending a
+/// byte and waiting until the daemon has closed it.
+fn gone_direct(addr: std::net::SocketAddr, n: usize, threads: usize) {
+    std::thread::scope(|sc| {
+        for t in 0..threads {
+            sc.spawn(move || {
+                for _ in (t..n).step_by(threads) {
+                    let mut c = Client::connect(addr);
+                    c.send(b"x");
+                    c.read_to_eof(dur(10_000));
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn finals_with_luup_stalled_leave_memory_flat_and_are_logged_as_dropped() {
+    // Issue 12: with Luup stalled, RSS grew ~360 bytes per closed NTFY connection
+    // without limit (2.4 -> 13.2 MB after 30,000). Through a `[direct]` port, which
+    // arms no command-mode timer, so that only what notifications keep is measured.
+    const WARM: usize = 2_000;
+    const GONE: usize = 30_000;
+    let luup = FakeLuup::with_mode(LuupMode::Stall);
+    let resets = resetting_device();
+    let port = free_port();
+    let ini = ScratchFile::new(
+        "finals.ini",
+        &format!("[direct]\n{port}=CONN {resets} NTFY=5/urn:x:serviceId:G1/Go/gone\n"),
+    );
+    let args: Vec<String> = ["-a", "127.0.0.1", "-p", "0", "-N", &luup.url(), "-c"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([ini.arg()])
+        .collect();
+    let d = Daemon::start_args(&args);
+    let direct = d.direct_addr(&resets);
+    // Past the cap of waiting finals, so that what the allocator keeps is there.
+    gone_direct(direct, WARM, 8);
+    let before = d.rss_kib();
+    let t0 = Instant::now();
+    gone_direct(direct, GONE, 8);
+    let after = d.rss_kib();
+    eprintln!(
+        "RSS {before} KiB -> {after} KiB after {GONE} closed NTFY connections in {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        after <= before + 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    let dropped = |l: &str| l.contains("WARN") && l.contains("dropped");
+    let lines = d.log_count(dropped);
+    assert!(
+        (1..=10).contains(&lines),
+        "{lines} lines about dropped final notifications: {:#?}",
+        d.log_lines()
+            .into_iter()
+            .filter(|l| dropped(l))
+            .collect::<Vec<_>>()
+    );
+    // Still serving, and a live connection's notification still goes out once a
+    // worker is free again.
+    luup.set_mode(LuupMode::Ok);
+    luup.release_stalled();
+    let dev = Device::listen();
+    let (mut c, mut r) = through(&d, &dev, "NTFY=5/urn:x:serviceId:L1/Live/live");
+    r.send(b"news");
+    assert_eq!(c.read_n(4, dur(5_000)), b"news");
+    luup.wait_pid("live", 1, dur(10_000));
+}
+
+#[test]
+fn luup_error_body_is_logged_on_one_printable_line() {
+    // Issue 13 item 8: control characters from an `ERROR:` answer reached the log.
+    let (luup, d) = setup(LuupMode::ErrorBodyControl);
+    let dev = Device::listen();
+    let (mut c, mut r) = through(&d, &dev, "NTFY=4/urn:x:serviceId:Nope1/Missing/esc");
+    r.send(b"d");
+    luup.wait_pid("esc", 1, dur(5_000));
+    assert_eq!(c.read_n(1, dur(1_000)), b"d");
+    let line = d.wait_log(dur(3_000), "notification failed", |l| {
+        l.contains("notification failed")
+    });
+    assert!(line.contains("ERROR: x"), "{line:?}");
+    assert!(
+        !line.chars().any(char::is_control),
+        "control characters in the log line {line:?}"
+    );
+    // Nothing of the body spilled onto a line of its own either.
+    assert_eq!(d.log_count(|l| l.contains("31my") || l.starts_with('z')), 1);
+}

@@ -5,6 +5,7 @@
 mod util;
 
 mod access;
+mod bounds;
 mod commands;
 mod config;
 mod echo;

@@ -1238,6 +1238,8 @@ pub enum LuupMode {
     Unauthorized,
     /// `200 OK` with body `ERROR: No implementation`, as openLuup does.
     ErrorBody,
+    /// `200 OK` with an `ERROR:` body holding an escape sequence and a CR.
+    ErrorBodyControl,
     /// Read the request, then never answer (until `release_stalled`).
     Stall,
     /// `500 Internal Server Error`.
@@ -1296,6 +1298,8 @@ impl Request {
 #[derive(Default)]
 struct LuupState {
     mode: Mutex<Option<LuupMode>>,
+    /// How long each answer waits after its request (`set_delay`).
+    delay: Mutex<Duration>,
     reqs: Mutex<Vec<Request>>,
     stalled: Mutex<Vec<TcpStream>>,
 }
@@ -1334,6 +1338,11 @@ impl FakeLuup {
 
     pub fn set_mode(&self, m: LuupMode) {
         *self.state.mode.lock().expect("lock") = Some(m);
+    }
+
+    /// Every later answer waits `d` after its request has come (a slow Luup).
+    pub fn set_delay(&self, d: Duration) {
+        *self.state.delay.lock().expect("lock") = d;
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -1395,6 +1404,7 @@ fn response(mode: LuupMode) -> Vec<u8> {
         LuupMode::Ok | LuupMode::Stall => ("200 OK", "{ \"u:HandleReceiveResponse\": {} }"),
         LuupMode::Unauthorized => ("401 Unauthorized", "Invalid Service"),
         LuupMode::ErrorBody => ("200 OK", "ERROR: No implementation"),
+        LuupMode::ErrorBodyControl => ("200 OK", "ERROR: x\x1b[31my\rz"),
         LuupMode::ServerError => ("500 Internal Server Error", "Lua error"),
         LuupMode::Garbage => return b"\x00\xffSSH-2.0-not-http\r\n\x1b[0m\r\n\r\n".to_vec(),
     };
@@ -1440,6 +1450,10 @@ fn serve(mut s: TcpStream, st: &LuupState) {
     if mode == LuupMode::Stall {
         st.stalled.lock().expect("lock").push(s);
         return;
+    }
+    let delay = *st.delay.lock().expect("lock");
+    if !delay.is_zero() {
+        thread::sleep(delay); // Luup taking its time, not a wait for a condition
     }
     let _ = s.write_all(&response(mode));
     let _ = s.shutdown(Shutdown::Write);

@@ -1,0 +1,158 @@
+//! The descriptor limit (RLIMIT_NOFILE): raised at start to what the system
+//! allows, and the number of connections it can carry.
+//!
+//! In scope: raising the soft limit to the hard one; counting the
+//! descriptors the daemon holds and will hold besides its connections;
+//! `conn_limit` (pure) sizes `max_conns` so that every connection's two
+//! descriptors fit with a reserve, and a notification never fails for want
+//! of one. Out of scope: refusing clients (the loop's `ERR BUSY` path, at
+//! `Config::max_conns`), logging (`main` says what was decided).
+
+use std::io;
+
+use crate::{notify, resolve};
+
+/// Descriptors per connection: the client and the remote.
+pub const PER_CONN: u64 = 2;
+/// Descriptors the loop opens after `main` has counted: the poll (and the
+/// registry's clone of it), the waker, the signal pipe's two ends.
+const LOOP: u64 = 5;
+/// One while the log file is reopened (SIGHUP), beside the old one.
+const LOG_REOPEN: u64 = 1;
+/// Per resolver thread while it looks up: a DNS socket and a file
+/// (/etc/hosts, /etc/resolv.conf).
+const PER_LOOKUP: u64 = 2;
+/// Kept free beyond all of the above: a refused client's socket between
+/// accept and close, a notifier resolving Luup's host name, a library
+/// opening a file we did not count.
+pub const RESERVE: u64 = 16;
+/// Soft limit asked for when the hard one is unlimited (Linux's default
+/// `fs.nr_open`).
+const UNLIMITED: u64 = 1 << 20;
+
+/// RLIMIT_NOFILE before and after `raise`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nofile {
+    pub was: u64,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raises the soft descriptor limit to the hard one. `Err` if the limit
+/// cannot be read; a raise that fails leaves `soft == was` (and returns the
+/// error beside it, for the log).
+pub fn raise_nofile() -> io::Result<(Nofile, Option<io::Error>)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // rlim_t is u64 here, u32 on 32-bit glibc targets.
+    #[allow(clippy::useless_conversion)]
+    let (was, hard) = (u64::from(lim.rlim_cur), u64::from(lim.rlim_max));
+    let want = if lim.rlim_max == libc::RLIM_INFINITY {
+        UNLIMITED
+    } else {
+        hard
+    };
+    if want <= was {
+        return Ok((
+            Nofile {
+                was,
+                soft: was,
+                hard,
+            },
+            None,
+        ));
+    }
+    let new = libc::rlimit {
+        rlim_cur: libc::rlim_t::try_from(want).unwrap_or(lim.rlim_max),
+        rlim_max: lim.rlim_max,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
+        let e = io::Error::last_os_error();
+        return Ok((
+            Nofile {
+                was,
+                soft: was,
+                hard,
+            },
+            Some(e),
+        ));
+    }
+    Ok((
+        Nofile {
+            was,
+            soft: want,
+            hard,
+        },
+        None,
+    ))
+}
+
+/// Descriptors open now (stdio, the log, the listeners, any inherited), from
+/// /proc/self/fd; `fallback` where /proc is not mounted.
+pub fn open_now(fallback: u64) -> u64 {
+    match std::fs::read_dir("/proc/self/fd") {
+        // The directory's own descriptor is among the entries.
+        Ok(dir) => u64::try_from(dir.count())
+            .unwrap_or(fallback)
+            .saturating_sub(1),
+        Err(_) => fallback,
+    }
+}
+
+/// Descriptors the daemon needs besides its connections, when `open` are
+/// open before the loop starts: the loop's own, the notifier's sockets, the
+/// resolver threads', a log reopen, and the reserve.
+pub fn fixed(open: u64) -> u64 {
+    let workers = u64::try_from(notify::WORKERS).unwrap_or(u64::MAX);
+    let lookups = u64::try_from(resolve::MAX_THREADS).unwrap_or(u64::MAX);
+    open.saturating_add(LOOP)
+        .saturating_add(LOG_REOPEN)
+        .saturating_add(workers)
+        .saturating_add(lookups.saturating_mul(PER_LOOKUP))
+        .saturating_add(RESERVE)
+}
+
+/// The connections that fit in `nofile` descriptors beside `fixed`, at most
+/// `configured`.
+pub fn conn_limit(configured: usize, nofile: u64, fixed: u64) -> usize {
+    let fit = nofile.saturating_sub(fixed) / PER_CONN;
+    usize::try_from(fit).map_or(configured, |fit| fit.min(configured))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_descriptors_per_connection_beside_the_fixed_ones() {
+        assert_eq!(conn_limit(512, 1024, 48), 488);
+        assert_eq!(conn_limit(512, 1025, 48), 488, "half a connection is none");
+        assert_eq!(conn_limit(512, 1_048_576, 48), 512, "the configured one");
+        assert_eq!(conn_limit(512, 48 + 2 * 512, 48), 512);
+        assert_eq!(conn_limit(512, 48 + 2 * 512 - 1, 48), 511);
+        assert_eq!(conn_limit(512, 64, 48), 8);
+        assert_eq!(conn_limit(512, 40, 48), 0, "nothing fits");
+        assert_eq!(
+            conn_limit(usize::MAX, u64::MAX, 0),
+            usize::try_from(u64::MAX / 2).unwrap_or(usize::MAX)
+        );
+    }
+
+    #[test]
+    fn fixed_counts_every_thread_and_the_reserve() {
+        let workers = notify::WORKERS as u64;
+        let lookups = resolve::MAX_THREADS as u64 * PER_LOOKUP;
+        assert_eq!(
+            fixed(4),
+            4 + LOOP + LOG_REOPEN + workers + lookups + RESERVE
+        );
+        assert_eq!(fixed(u64::MAX), u64::MAX);
+    }
+}
