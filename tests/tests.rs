@@ -5,6 +5,7 @@
 mod util;
 
 mod access;
+mod build_number;
 mod commands;
 mod config;
 mod echo;
