@@ -14,4 +14,5 @@ mod init_script;
 mod lifecycle;
 mod lua;
 mod notify;
+mod openwrt_uci;
 mod vera_plugin;
