@@ -83,7 +83,7 @@ bench:
 DIST ?= dist
 CROSS_TARGETS = mipsel-unknown-linux-musl armv7-unknown-linux-musleabihf \
 	aarch64-unknown-linux-musl x86_64-unknown-linux-musl
-SOURCES = $(wildcard src/*.rs) Cargo.toml Cargo.lock cross/build.sh
+SOURCES = $(wildcard src/*.rs) build.rs Cargo.toml Cargo.lock cross/build.sh
 
 .PHONY: cross test-mipsel test-armv7 test-aarch64
 

@@ -39,8 +39,15 @@ const MAX_PACE_SECS: f64 = 86_400.0;
 pub const DEFAULT_SERVICE: &str = "urn:toggledbits-com:serviceId:SockProxy1";
 pub const DEFAULT_ACTION: &str = "HandleReceiveData";
 
-/// What `BILD` answers; bump with each release.
-pub const BUILD: &str = "26331";
+/// What `BILD` answers and `--version` shows: the commit date as two-digit year and
+/// day of the year (`26331`), set by build.rs (which says where it comes from).
+pub const BUILD: &str = env!("SOCKPROXYD_BUILD_NUMBER");
+
+// build.rs's date arithmetic and its unit tests, run with this crate's.
+#[cfg(test)]
+#[allow(dead_code)]
+#[path = "../build.rs"]
+mod build_script;
 
 pub fn greeting(id: &str) -> String {
     format!("OK TOGGLEDBITS-SOCKPROXY 1 {id}\n")

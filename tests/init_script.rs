@@ -2,9 +2,9 @@
 //! directory, as root or not: `init-script.sh` (SysV/LSB, openLuup hosts) with
 //! start-stop-daemon and with its nohup fallback; through a stand-in for OpenWrt's
 //! rc.common (`tests/openwrt/rc.common`), the plain Vera script
-//! (`openwrt/vera/sockproxyd.init`) and the procd script with its UCI defaults
-//! (`openwrt/files/sockproxyd.init`, `.config`): the INI file it writes must be one
-//! the daemon accepts.
+//! (`openwrt/vera/sockproxyd.init`). The sample configuration file is one the daemon
+//! takes without a warning. The OpenWrt procd script and its UCI settings:
+//! `openwrt_uci.rs`.
 //!
 //! Under `SOCKPROXYD_RUNNER` the SysV script gets it as `RUNNER`, and the Vera script
 //! a wrapper that execs the runner.
@@ -428,70 +428,6 @@ fn vera_start_fails_on_a_bad_config() {
     start_fails(&vera(&dir, &conf, "sh"), "bad port");
 }
 
-/// Runs the procd script's start_service on the UCI text `uci`; returns the INI file
-/// it wrote and the command it gave procd (without the program).
-fn procd_start(dir: &Scratch, uci: &str) -> (Option<String>, Option<Vec<String>>, String) {
-    dir.write("config/sockproxyd", uci);
-    let conf = dir.path("var/etc/sockproxyd.conf");
-    dir.write("overrides.sh", &format!("CONF='{}'\n", s(&conf)));
-    let r = run(
-        rc_common("sh", dir, "openwrt/files/sockproxyd.init", "start"),
-        dir,
-        dur(10_000),
-    );
-    assert_eq!(r.code, Some(0), "start_service failed:\n{}", r.out);
-    let procd = fs::read_to_string(dir.path("procd.log")).unwrap_or_default();
-    let cmd = fs::read_to_string(dir.path("command"))
-        .ok()
-        .map(|t| t.lines().map(str::to_string).collect::<Vec<_>>());
-    if let Some(cmd) = &cmd {
-        assert_eq!(
-            cmd.first().map(String::as_str),
-            Some("/usr/bin/sockproxyd"),
-            "procd command {cmd:?}"
-        );
-        assert_eq!(cmd[1..], ["-c".to_string(), s(&conf)], "procd command");
-        for want in [
-            "param|respawn|",
-            "param|stdout|1",
-            "param|stderr|1",
-            &format!("param|file|{}", s(&conf)),
-        ] {
-            assert!(
-                procd.contains(want),
-                "no {want:?} in the procd calls:\n{procd}"
-            );
-        }
-    }
-    (
-        fs::read_to_string(&conf).ok(),
-        cmd.map(|c| c[1..].to_vec()),
-        procd,
-    )
-}
-
-#[test]
-fn procd_uci_defaults_make_an_ini_the_daemon_accepts() {
-    let dir = Scratch::new("procd-defaults");
-    let uci = fs::read_to_string(top("openwrt/files/sockproxyd.config")).expect("uci defaults");
-    let (ini, args, _) = procd_start(&dir, &uci);
-    let ini = ini.expect("no INI file written");
-    for want in ["[host]", "ip=*", "port=2504", "vera=http://127.0.0.1:3480"] {
-        assert!(
-            ini.lines().any(|l| l == want),
-            "no line {want:?} in the INI:\n{ini}"
-        );
-    }
-    assert!(
-        !ini.lines().any(|l| l.starts_with("log=") || l == "debug"),
-        "the defaults log to a file or debug:\n{ini}"
-    );
-    // Port 2504 may be taken here: the same file, then loopback and any port.
-    let mut args = args.expect("no procd instance");
-    args.extend(["-a", "127.0.0.1", "-p", "0"].map(String::from));
-    assert_no_warnings(&Daemon::start_args(&args), &ini);
-}
-
 #[track_caller]
 fn assert_no_warnings(d: &Daemon, ini: &str) {
     let warnings = d.warnings();
@@ -507,65 +443,4 @@ fn sample_config_is_accepted_without_warnings() {
     let ini = fs::read_to_string(&sample).expect("sample config");
     let args = ["-c", &s(&sample), "-a", "127.0.0.1", "-p", "0"].map(String::from);
     assert_no_warnings(&Daemon::start_args(&args), &ini);
-}
-
-#[test]
-fn procd_direct_sections_become_listeners() {
-    let dir = Scratch::new("procd-direct");
-    let dev = Device::listen();
-    let (port, direct) = (free_port(), free_port());
-    let uci = format!(
-        "config sockproxyd 'main'\n\
-         \toption enabled '1'\n\
-         \toption ip '127.0.0.1'\n\
-         \toption port '{port}'\n\
-         \toption vera 'http://127.0.0.1:9'\n\
-         \toption debug '1'\n\
-         \n\
-         config direct\n\
-         \toption listen '{direct}'\n\
-         \toption target '{}'\n\
-         \toption options 'RTIM=60000'\n\
-         \n\
-         config direct 'off'\n\
-         \toption enabled '0'\n\
-         \toption listen '9'\n\
-         \toption target '127.0.0.1:9'\n\
-         \n\
-         config direct 'half'\n\
-         \toption listen '10'\n",
-        dev.target()
-    );
-    let (ini, args, _) = procd_start(&dir, &uci);
-    let ini = ini.expect("no INI file written");
-    let want = format!("{direct}=CONN {} RTIM=60000", dev.target());
-    assert!(ini.lines().any(|l| l == want), "no {want:?} in:\n{ini}");
-    assert!(
-        ini.lines().any(|l| l == "debug"),
-        "no debug line in:\n{ini}"
-    );
-    assert!(
-        !ini.lines()
-            .any(|l| l.starts_with("9=") || l.starts_with("10=")),
-        "a disabled or incomplete direct section made it into:\n{ini}"
-    );
-
-    let d = Daemon::start_args(&args.expect("no procd instance"));
-    assert_eq!(d.port(), port, "command port");
-    assert_eq!(d.direct_addr(&dev.target()), loopback(direct));
-    let _c = Client::connect(loopback(direct));
-    dev.accept();
-}
-
-#[test]
-fn procd_disabled_starts_nothing() {
-    let dir = Scratch::new("procd-off");
-    let uci = fs::read_to_string(top("openwrt/files/sockproxyd.config"))
-        .expect("uci defaults")
-        .replace("option enabled '1'", "option enabled '0'");
-    let (_, args, procd) = procd_start(&dir, &uci);
-    assert!(
-        args.is_none() && !procd.contains("open"),
-        "a disabled service opened a procd instance:\n{procd}"
-    );
 }

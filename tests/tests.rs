@@ -6,6 +6,7 @@ mod util;
 
 mod access;
 mod bounds;
+mod build_number;
 mod commands;
 mod config;
 mod echo;
@@ -14,4 +15,5 @@ mod init_script;
 mod lifecycle;
 mod lua;
 mod notify;
+mod openwrt_uci;
 mod vera_plugin;

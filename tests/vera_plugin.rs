@@ -204,6 +204,12 @@ impl Root {
             format!("root = [==[{}]==]", s(&self.dir)),
             format!("rc = [==[{}]==]", self.rc()),
             format!("lzo = [==[{}]==]", s(&top("tests/vera_plugin/pluto-lzo"))),
+            format!(
+                "logread = [==[MOCK_DIR='{}' {} '{}']==]",
+                s(&self.mock_dir()),
+                rc_shell(),
+                s(&top("tests/vera_plugin/logread"))
+            ),
             format!("start_timeout = {}", 15 * scale()),
             format!("stop_timeout = {}", 3 * scale()),
             format!("check_timeout = {}", 5 * scale()),
@@ -332,6 +338,7 @@ impl Root {
         let mut files = vec![
             "usr/bin/sockproxyd".to_string(),
             "etc/init.d/sockproxyd".to_string(),
+            "etc/sockproxyd.conf".to_string(),
         ];
         files.extend(self.rc_links().into_iter().map(|l| format!("etc/rc.d/{l}")));
         for rel in files {
@@ -527,7 +534,7 @@ fn fresh_install_plain_then_second_start_changes_nothing() {
     let version =
         String::from_utf8(run_to_exit(&["--version"], dur(10_000)).stdout).expect("utf-8");
     let version = version.trim();
-    assert_eq!(r.var("ConfigVersion"), format!("{version}; init 1"));
+    assert_eq!(r.var("ConfigVersion"), format!("{version}; init 2"));
     let msg = r.var("Message");
     assert!(msg.starts_with("Installed sockproxyd "), "Message: {msg}");
     assert!(
@@ -626,6 +633,14 @@ fn fresh_install_procd_from_lzo_then_second_start_changes_nothing() {
         !r.path("tmp/sockproxyd.upload").exists(),
         "the unpacked upload was left"
     );
+    // stderr to the system log (a bad setting's reason), time for final notifications.
+    let params = fs::read_to_string(r.mock_dir().join("params")).expect("procd params");
+    for want in ["stderr 1", "term_timeout 10"] {
+        assert!(
+            params.lines().any(|l| l == want),
+            "no procd_set_param {want}:\n{params}"
+        );
+    }
 
     let before = r.snapshot();
     let pid = r.pid();
@@ -665,7 +680,7 @@ fn upgrade_over_original(procd: bool) {
         uploaded
     );
     let init = fs::read_to_string(r.path("etc/init.d/sockproxyd")).expect("init script");
-    assert!(init.contains("sockproxyd-plugin-init 1"), "{init}");
+    assert!(init.contains("sockproxyd-plugin-init 2"), "{init}");
     assert_eq!(init.contains("USE_PROCD=1"), procd, "{init}");
     assert_eq!(
         r.rc_links(),
@@ -738,6 +753,187 @@ fn a_proxy_started_by_hand_is_found_by_its_port_and_stopped() {
     let st = r.children[0].try_wait().expect("try_wait");
     assert!(st.is_some(), "the Lua proxy still runs");
     assert!(r.luup_log().contains("still on port"), "{}", r.luup_log());
+}
+
+// ---------------------------------------------------------------------------------------
+// Upgrades by content, settings
+
+/// A daemon rebuilt with the same version line is a new daemon: installed and started.
+/// The same bytes uploaded again (Vera keeps the upload; a user may upload it twice)
+/// change nothing.
+#[test]
+fn a_rebuild_with_the_same_version_is_installed_the_same_file_is_not() {
+    let Some(lua) = lua() else { return };
+    let r = Root::new("rebuild", &lua);
+    r.upload(false);
+    let ran = r.run(&["startup"]);
+    assert_eq!(ran.startup(), Some(true), "{}\n{}", ran.out, ran.err);
+    wait_greeting(r.port, "the first daemon to greet", is_ours);
+    let first_pid = r.pid().expect("pid file");
+    let config_version = r.var("ConfigVersion");
+
+    // The same file again, written anew.
+    let before = r.snapshot();
+    r.upload(false);
+    let ran = r.run(&["startup"]);
+    assert_eq!(ran.startup(), Some(true), "{}\n{}", ran.out, ran.err);
+    assert_eq!(r.snapshot(), before, "the same upload changed files");
+    assert_eq!(
+        r.rc_calls(),
+        ["start"],
+        "the same upload restarted the service"
+    );
+    assert_eq!(r.pid(), Some(first_pid));
+    assert!(
+        r.var("Message").starts_with("Up to date: sockproxyd "),
+        "Message: {}",
+        r.var("Message")
+    );
+
+    // A rebuild: other bytes, the same --version line (a script that runs the daemon).
+    let rebuilt = format!(
+        "#!/bin/sh\n# rebuilt\nexec {}'{}' \"$@\"\n",
+        if runner_line().is_empty() {
+            String::new()
+        } else {
+            format!("{} ", runner_line())
+        },
+        s(&bin_path())
+    );
+    let upload = r.write("etc/cmh-ludl/sockproxyd-mipsel", &rebuilt);
+    let ran = r.run(&["startup"]);
+    assert_eq!(ran.startup(), Some(true), "{}\n{}", ran.out, ran.err);
+    assert_eq!(
+        fnv1a(&fs::read(r.path("usr/bin/sockproxyd")).expect("installed")),
+        fnv1a(&fs::read(&upload).expect("upload")),
+        "the rebuild was not installed"
+    );
+    let msg = r.var("Message");
+    assert!(
+        msg.starts_with("Installed a rebuild of sockproxyd "),
+        "Message: {msg}"
+    );
+    assert_eq!(r.var("ConfigVersion"), config_version, "same version line");
+    assert_eq!(r.rc_calls(), ["start", "stop", "start"]);
+    wait_greeting(r.port, "the rebuilt daemon to greet", is_ours);
+    assert_ne!(r.pid(), Some(first_pid), "the old daemon still runs");
+    assert!(!alive(first_pid));
+}
+
+/// A first install writes a settings file that listens on loopback only, and says how
+/// to open it; the daemon then listens there.
+#[test]
+fn a_first_install_writes_loopback_settings() {
+    let Some(lua) = lua() else { return };
+    let r = Root::new("first-conf", &lua);
+    fs::remove_file(r.path("etc/sockproxyd.conf")).expect("rm conf");
+    // The port this test's daemon must use goes into the file the plugin writes.
+    r.config(false, Some(r.port), &[]);
+    r.upload(false);
+
+    let ran = r.run(&["startup"]);
+    assert_eq!(ran.startup(), Some(true), "{}\n{}", ran.out, ran.err);
+    let conf = fs::read_to_string(r.path("etc/sockproxyd.conf")).expect("settings written");
+    let active: Vec<&str> = conf
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with(';'))
+        .collect();
+    assert_eq!(
+        active,
+        ["[host]", "ip=127.0.0.1", &format!("port={}", r.port)],
+        "{conf}"
+    );
+    assert!(
+        conf.contains(";   ip=*"),
+        "no word on how to open it:\n{conf}"
+    );
+    assert!(conf.contains(";   allow="), "{conf}");
+    let msg = r.var("Message");
+    assert!(
+        msg.contains(&format!(
+            "wrote {} (listens on loopback only)",
+            s(&r.path("etc/sockproxyd.conf"))
+        )),
+        "Message: {msg}"
+    );
+    wait_greeting(r.port, "the daemon to greet", is_ours);
+    let log = fs::read_to_string(r.path("tmp/sockproxyd.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("listening on 127.0.0.1:{} (commands)", r.port)),
+        "{log}"
+    );
+    // The daemon takes the file as it is: no warning about it.
+    assert!(!log.contains("WARN"), "{log}");
+}
+
+/// A settings file already there is the user's: a first install keeps it as it is.
+#[test]
+fn an_existing_settings_file_is_kept() {
+    let Some(lua) = lua() else { return };
+    let r = Root::new("keep-conf", &lua);
+    let mine = format!(
+        "; mine\n[host]\nip=127.0.0.1\nport={}\nmax_conns=64\n",
+        r.port
+    );
+    r.write("etc/sockproxyd.conf", &mine);
+    r.upload(false);
+    let ran = r.run(&["startup"]);
+    assert_eq!(ran.startup(), Some(true), "{}\n{}", ran.out, ran.err);
+    assert_eq!(
+        fs::read_to_string(r.path("etc/sockproxyd.conf")).expect("conf"),
+        mine
+    );
+    assert!(
+        !r.var("Message").contains("sockproxyd.conf"),
+        "{}",
+        r.var("Message")
+    );
+    wait_greeting(r.port, "the daemon to greet", is_ours);
+}
+
+/// A setting the daemon refuses (after an edit, at a restart): the health check's
+/// restart fails, and Message quotes the daemon's own words: from the log file under
+/// the plain script, from stderr through the system log under procd.
+#[track_caller]
+fn config_error_reaches_message(procd: bool) {
+    let Some(lua) = lua() else { return };
+    let r = Root::new(if procd { "bad-procd" } else { "bad-plain" }, &lua);
+    if procd {
+        r.procd();
+    }
+    r.upload(false);
+    let ran = r.run(&["startup"]);
+    assert_eq!(ran.startup(), Some(true), "{}\n{}", ran.out, ran.err);
+    wait_greeting(r.port, "the daemon to greet", is_ours);
+    let pid = r.pid().expect("pid");
+
+    r.write(
+        "etc/sockproxyd.conf",
+        &format!("[host]\nip=127.0.0.1\nport={}\nmax_conns=0\n", r.port),
+    );
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_until(dur(5_000), "the daemon to die", || greet(r.port).is_none());
+    let ran = r.run(&["check", "soon"]);
+    assert_eq!(r.var("Status"), "0", "{}", ran.err);
+    let msg = r.var("Message");
+    assert!(msg.starts_with("Down after a restart: "), "Message: {msg}");
+    assert!(
+        msg.contains(&format!(
+            "; the daemon said: sockproxyd: config {}: line 4: bad max_conns \"0\"",
+            s(&r.path("etc/sockproxyd.conf"))
+        )),
+        "Message: {msg}"
+    );
+}
+
+#[test]
+fn a_config_error_reaches_message_plain() {
+    config_error_reaches_message(false);
+}
+
+#[test]
+fn a_config_error_reaches_message_procd() {
+    config_error_reaches_message(true);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -884,6 +1080,12 @@ fn a_new_daemon_that_does_not_start_is_rolled_back() {
         msg.contains("the previous proxy runs again"),
         "Message: {msg}"
     );
+    // Its stderr, through procd's system log; not the old proxy's last log line.
+    assert!(
+        msg.contains("; the daemon said: config: line 1: bad"),
+        "Message: {msg}"
+    );
+    assert!(!msg.contains("old lua proxy"), "a stale log line: {msg}");
     assert_eq!(
         fs::read(r.path("etc/init.d/sockproxyd")).expect("init"),
         old_init

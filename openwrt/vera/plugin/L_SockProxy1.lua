@@ -5,7 +5,13 @@
 -- (sockproxyd-mipsel, or sockproxyd-mipsel.lzo once Vera has compressed it) as the boot
 -- service /etc/init.d/sockproxyd, started before LuaUPnP; an install of the original
 -- Lua proxy is replaced in place, and nothing is rebooted: only the service restarts.
--- Whatever goes wrong, the proxy that ran before keeps running and `Message` says why.
+-- Whether the upload is new is decided by its content (md5sum of the unpacked file
+-- against the installed one), not by its version line: a rebuild of the same version
+-- is installed, the same file again is not. A first install writes a settings file
+-- that listens on loopback only; an existing one is never touched.
+-- Whatever goes wrong, the proxy that ran before keeps running and `Message` says why,
+-- in the daemon's own words where it said something (its log, or on procd firmware
+-- its stderr, which procd passes to the system log).
 -- On openLuup the plugin installs nothing (the host's init system runs the daemon).
 -- Everywhere it checks every 5 minutes that the proxy greets on its port; on Vera it
 -- restarts the service once when it does not.
@@ -28,7 +34,7 @@ local MYSID = "urn:toggledbits-com:serviceId:SockProxy1"
 
 -- The revision of the init scripts below; bump it when either changes, so installed
 -- systems get the new one.
-local INIT_REVISION = 1
+local INIT_REVISION = 2
 -- Seconds between health checks (as the original), and before the first one.
 local CHECK_INTERVAL = 300
 local FIRST_CHECK = 15
@@ -58,10 +64,13 @@ local DEFAULTS = {
 	proc = "/proc",                       -- who holds the port, when stop did not free it
 	arch_ref = "/bin/sh",                 -- a program of this box's architecture
 	lzo = "pluto-lzo",                    -- `lzo d IN OUT` expands Vera's .lzo files
+	md5sum = "md5sum",                    -- `md5sum FILE` (busybox has it)
+	logread = "logread",                  -- the system log, where procd puts stderr
 	runner = "",                          -- prefix for running the daemon (an emulator)
 	rc = "",                              -- prefix for running the init script
 	host = "127.0.0.1",                   -- where the health check connects...
-	port = false,                         -- ...false: [host] port= of conf, else 2504
+	port = false,                         -- ...false: [host] port= of conf, else 2504;
+	                                      --    a number also goes in a first conf file
 	start_timeout = 15,                   -- seconds for a started daemon to greet
 	stop_timeout = 15,                    -- seconds for a stopped one to free the port
 	check_timeout = 10,                   -- seconds for the greeting at a health check
@@ -88,6 +97,7 @@ end
 
 local pluginDevice
 local lastDown          -- why the proxy was down at the last failed check
+local restartMark       -- daemonMark() before the health check's restart
 local installNote       -- why the last install or upgrade did not happen, if it did not
 
 local function isOpenLuup()
@@ -175,11 +185,55 @@ local function service(action)
 	return ok, out
 end
 
-local function lastLogLine()
-	local text = readFile(env.logfile) or ""
-	local last
-	for line in text:gmatch("[^\n]+") do last = line end
-	return last and ("; its log (" .. env.logfile .. ") ends: " .. last) or ""
+-- What the daemon says goes to its log file, except what it says before the file is
+-- open (a bad setting), which goes to stderr: into the log file under the plain script,
+-- into the system log under procd ("... daemon.err sockproxyd[pid]: <line>").
+local function syslogLines()
+	local ok, out = run(env.logread)
+	local lines = {}
+	if not ok then return lines end
+	for line in out:gmatch("[^\n]+") do
+		local said = line:match("sockproxyd%[%d+%]: (.*)$")
+		if said then lines[#lines + 1] = line end
+	end
+	return lines
+end
+
+-- Where the daemon's words stand before a start: the log file's size and the
+-- system log's sockproxyd lines, so that only what comes after is quoted.
+local function daemonMark()
+	local f = io.open(env.logfile, "rb")
+	local size = 0
+	if f then
+		size = f:seek("end") or 0
+		f:close()
+	end
+	local seen = {}
+	for _, line in ipairs(syslogLines()) do seen[line] = true end
+	return { size = size, seen = seen }
+end
+
+-- The daemon's last words since `mark` ("; the daemon said: ..."), or "". A line from
+-- stderr (the system log) comes first: it is the one that says why it exited.
+local function daemonSaid(mark)
+	mark = mark or { size = 0, seen = {} }
+	local said
+	for _, line in ipairs(syslogLines()) do
+		if not mark.seen[line] then said = line:match("sockproxyd%[%d+%]: (.*)$") end
+	end
+	if not said then
+		local f = io.open(env.logfile, "rb")
+		if f then
+			local size = f:seek("end") or 0
+			-- A log moved aside since the mark starts again from its beginning.
+			f:seek("set", size >= mark.size and mark.size or 0)
+			local text = f:read("*a") or ""
+			f:close()
+			for line in text:gmatch("[^\n]+") do said = line end
+		end
+	end
+	if not said or said:match("^%s*$") then return "" end
+	return "; the daemon said: " .. said:sub(1, 200)
 end
 
 -- ---------------------------------------------------------------------------------------
@@ -380,6 +434,22 @@ local function unpackUpload(src, packed)
 	return stage
 end
 
+-- The md5 sum of the file at `path`, or nil if md5sum cannot tell.
+local function fileSum(path)
+	local ok, out = run(env.md5sum .. " " .. q(path))
+	local sum = ok and firstLine(out):match("^(%x+)%s")
+	return sum and sum:lower() or nil
+end
+
+-- Whether the files `a` and `b` hold the same bytes: by md5 sum, or where md5sum
+-- does not run, by reading both. Also returns `b`'s sum when known.
+local function sameContent(a, b)
+	local sa, sb = fileSum(a), fileSum(b)
+	if sa and sb then return sa == sb, sb end
+	local x, y = readFile(a), readFile(b)
+	return x ~= nil and x == y, sb
+end
+
 -- ---------------------------------------------------------------------------------------
 -- The init scripts. @NAME@ is replaced by the shell-quoted value; the result is compared
 -- with what is installed, so it holds nothing that changes from one start to the next.
@@ -420,10 +490,15 @@ start_service() {
 		procd_set_param command "$PROG" -L "$LOGFILE"
 	fi
 	# Up to 5 restarts 5 s apart, counted afresh after an hour up: a bad
-	# setting (the daemon exits at once, the reason last in its log) does
-	# not loop forever.
+	# setting (the daemon exits at once) does not loop forever.
 	procd_set_param respawn 3600 5 5
 	procd_set_param pidfile "$PIDFILE"
+	# What it says before its log is open (why a setting is bad) goes to
+	# stderr: into the system log (logread), where the plugin looks for it.
+	procd_set_param stderr 1
+	# At stop it closes every connection and sends the final notifications
+	# (each bounded by 5 s) before it exits: wait that long before SIGKILL.
+	procd_set_param term_timeout 10
 	procd_close_instance
 }
 
@@ -653,6 +728,29 @@ local function configVersion(version)
 	return string.format("%s; init %d", version, INIT_REVISION)
 end
 
+-- The settings file a first install writes: loopback only, since every plugin on the
+-- controller connects to 127.0.0.1:2504 and the protocol has no authentication.
+local function firstSettings()
+	local port = tonumber(env.port)
+	return table.concat({
+		"; sockproxyd settings (INI), written by the SockProxy plugin at its first install.",
+		"; The plugin never rewrites this file: edit it, then restart the proxy",
+		"; (/etc/init.d/sockproxyd restart). Every key is described in the sockproxyd",
+		"; sources: README.md \"Configuration file\" and \"Security\".",
+		"",
+		"[host]",
+		"; Loopback only: the plugins on this controller reach the proxy at",
+		"; 127.0.0.1:2504, and nothing on the network can use it to connect anywhere.",
+		"; To serve other machines too (an openLuup elsewhere), listen on every",
+		"; interface and name the machines allowed, for example:",
+		";   ip=*",
+		";   allow=127.0.0.1 192.168.1.10",
+		"ip=127.0.0.1",
+		port and ("port=" .. port) or ";port=2504",
+		"",
+	}, "\n")
+end
+
 -- ---------------------------------------------------------------------------------------
 -- Install and upgrade
 
@@ -690,7 +788,8 @@ local function install()
 	os.remove(env.bin .. ".new")
 	os.remove(env.initd .. ".new")
 
-	local installed = exists(env.bin) and daemonVersion(env.bin) or nil
+	local hadBin = exists(env.bin)
+	local installed = hadBin and daemonVersion(env.bin) or nil
 	local src, packed = findUpload()
 	local version, stage
 	if src then
@@ -718,8 +817,15 @@ local function install()
 	local old = readFile(env.initd)
 	local wantLinks = { "K" .. STOP_AT .. "sockproxyd", "S" .. start .. "sockproxyd" }
 	table.sort(wantLinks)
-	local newBinary = installed ~= version
-	if not newBinary and old == want and sameList(oldLinks, wantLinks) then
+	-- The content decides, not the version line: a rebuild keeps its version.
+	local newBinary, sum = false, nil
+	if stage then
+		local same
+		same, sum = sameContent(env.bin, stage)
+		newBinary = not (hadBin and same)
+	end
+	local writeConf = not hadBin and not exists(env.conf)
+	if not newBinary and not writeConf and old == want and sameList(oldLinks, wantLinks) then
 		if stage then os.remove(stage) end
 		setVar("ConfigVersion", configVersion(version))
 		log(50, "installation is up to date: %s", version)
@@ -738,8 +844,14 @@ local function install()
 			return nil, string.format("cannot write %s.new (%s); is the flash full? (df -h /)",
 				env.bin, firstLine(out))
 		end
-		what[#what + 1] = installed and ("upgraded " .. installed .. " to " .. version)
-			or ("installed " .. version)
+		local short = sum and (" (md5 " .. sum:sub(1, 8) .. ")") or ""
+		if installed == version then
+			what[#what + 1] = "installed a rebuild of " .. version .. short
+		elseif installed then
+			what[#what + 1] = "upgraded " .. installed .. " to " .. version .. short
+		else
+			what[#what + 1] = "installed " .. version .. short
+		end
 	elseif stage then
 		os.remove(stage)
 	end
@@ -759,12 +871,15 @@ local function install()
 				or "replaced the previous proxy's service"
 		end
 	end
+	if writeConf then
+		what[#what + 1] = "wrote " .. env.conf .. " (listens on loopback only)"
+	end
 	if #what == 0 then what[1] = "enabled " .. env.initd .. ", START=" .. start end
 	log(50, "%s", table.concat(what, "; "))
 
 	-- The switch: stop the old, put the new in place, start it. On any failure, put
 	-- back what was moved and start the old again.
-	local hadBin, placedBin, placedScript = exists(env.bin), false, false
+	local placedBin, placedScript, placedConf = false, false, false
 	local function rollback(why)
 		log(1, "install failed: %s; putting the previous installation back", why)
 		service("stop")
@@ -786,6 +901,7 @@ local function install()
 				os.remove(env.initd)
 			end
 		end
+		if placedConf then os.remove(env.conf) end
 		link(oldLinks)
 		local back
 		if old then
@@ -813,14 +929,22 @@ local function install()
 			return rollback("cannot move the init script into place: " .. tostring(rerr))
 		end
 	end
+	if writeConf then
+		placedConf = true
+		local wok, werr = writeFile(env.conf, firstSettings())
+		if not wok then
+			return rollback("cannot write " .. env.conf .. ": " .. tostring(werr))
+		end
+	end
 	local lok, lout = link(wantLinks)
 	if not lok then return rollback("cannot enable the service: " .. firstLine(lout)) end
+	local mark = daemonMark()
 	local sok, sout = service("start")
 	local info, down = waitUp(env.start_timeout)
 	if not info then
 		return rollback(string.format("the new daemon did not start (%s)%s%s", down,
 			(not sok and sout ~= "") and ("; start said: " .. firstLine(sout)) or "",
-			lastLogLine()))
+			daemonSaid(mark)))
 	end
 	os.remove(env.bin .. ".old")
 	setVar("ConfigVersion", configVersion(version))
@@ -873,7 +997,7 @@ function proxy_check(data)
 	setVar("Status", 0)
 	luup.set_failure(1, pluginDevice)
 	if recheck then
-		setVar("Message", withNote("Down after a restart: " .. why .. lastLogLine()))
+		setVar("Message", withNote("Down after a restart: " .. why .. daemonSaid(restartMark)))
 		return
 	end
 	lastDown = why
@@ -881,6 +1005,7 @@ function proxy_check(data)
 		setVar("Message", withNote("Down: " .. why))
 		return
 	end
+	restartMark = daemonMark()
 	local ok = service("restart")
 	setVar("Message", withNote(string.format("Down: %s; %s, checking again in %d s", why,
 		ok and "restarted the service" or "tried to restart the service", RECHECK_DELAY)))
