@@ -64,6 +64,9 @@ fn run() -> u8 {
         Ok(l) => l,
         Err(msg) => return fail(&msg),
     };
+    if let Some(w) = config.open_relay_warning() {
+        warn!("{w}");
+    }
     match event_loop::run(config, listeners, log.clone()) {
         Ok(()) => 0,
         Err(e) => fail(&format!("event loop failed: {e}")),
