@@ -108,6 +108,24 @@ test-armv7: $(DIST)/sockproxyd-armv7-unknown-linux-musleabihf
 test-aarch64: $(DIST)/sockproxyd-aarch64-unknown-linux-musl
 	$(call emulated-test,aarch64-unknown-linux-musl,qemu-aarch64-static)
 
+# --- Debian and Raspberry Pi OS packages (deb/README.md; README.md "Installing") ---
+# `make deb`: sockproxyd_<version>_{amd64,arm64,armhf}.deb in dist/deb/, from the static
+# cross builds (made first when missing or older than the sources), with dpkg-deb only.
+# `make deb-test` (as root; changes the machine: CI or a container) checks the amd64
+# one: contents, lintian, install, start as the unit says, reload, stop, purge.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' Cargo.toml | head -n 1)
+DEB_TARGETS = x86_64-unknown-linux-musl aarch64-unknown-linux-musl \
+	armv7-unknown-linux-musleabihf
+
+.PHONY: deb deb-test
+
+deb: $(foreach t,$(DEB_TARGETS),$(DIST)/sockproxyd-$(t))
+	DIST=$(DIST) sh deb/build.sh $(DEB_TARGETS)
+
+deb-test: $(DIST)/sockproxyd-x86_64-unknown-linux-musl
+	DIST=$(DIST) sh deb/build.sh x86_64-unknown-linux-musl
+	bash .ci/deb-test $(DIST)/deb/sockproxyd_$(VERSION)_amd64.deb
+
 # --- Installing on an openLuup host (README.md "Installing"), cleaning, script checks ---
 # `make build` as yourself, then `sudo make install`: install does not build.
 PREFIX ?= /usr/local

@@ -86,6 +86,26 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// The startup warning for a daemon that anyone on the network may use: it
+    /// listens beyond loopback and no `allow=` list says who may connect. The
+    /// protocol has no authentication, so such a daemon relays for anyone who
+    /// reaches it (README "Security"). `None` when restricted.
+    pub fn open_relay_warning(&self) -> Option<String> {
+        // An IPv4-mapped loopback (::ffff:127.0.0.1) is loopback too.
+        if self.ip.to_canonical().is_loopback() || self.allow.is_some() {
+            return None;
+        }
+        Some(format!(
+            "listening on {} with no allow= list: this is an open relay, anyone \
+             who reaches it can connect anywhere through it and make it call Luup; \
+             restrict it with allow= in [host] (the hosts that run Luup), or listen on \
+             loopback only with ip=127.0.0.1 in [host] or -a 127.0.0.1",
+            self.ip
+        ))
+    }
+}
+
 #[derive(Debug)]
 pub enum Parsed {
     Run(Box<Config>),
@@ -400,6 +420,21 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.port, 2504);
         assert_eq!(c.ip.to_string(), "0.0.0.0");
+    }
+
+    #[test]
+    fn open_relay_warning_beyond_loopback_without_allow() {
+        let warns = |args: &[&str]| run(args).expect("ok").open_relay_warning();
+        for ip in ["*", "0.0.0.0", "192.168.1.10", "::", "fd00::1"] {
+            let w = warns(&["-a", ip]).unwrap_or_else(|| panic!("no warning for {ip}"));
+            assert!(w.contains("open relay") && w.contains("allow="), "{w}");
+        }
+        for ip in ["127.0.0.1", "127.0.0.2", "::1", "::ffff:127.0.0.1"] {
+            assert_eq!(warns(&["-a", ip]), None, "{ip}");
+        }
+        let f = temp_file("allow.ini", "[host]\nallow=192.168.1.0/24\n");
+        let f = f.to_str().expect("utf-8 path");
+        assert_eq!(warns(&["-c", f]), None, "with allow=");
     }
 
     #[test]

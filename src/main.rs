@@ -70,6 +70,9 @@ fn run() -> u8 {
     if let Some(soft) = nofile {
         config.max_conns = size_max_conns(config.max_conns, soft, listeners.len());
     }
+    if let Some(w) = config.open_relay_warning() {
+        warn!("{w}");
+    }
     match event_loop::run(config, listeners, log.clone()) {
         Ok(()) => 0,
         Err(e) => fail(&format!("event loop failed: {e}")),

@@ -589,3 +589,60 @@ fn log_file_from_option_and_ini() {
     );
     d.client();
 }
+
+/// The open-relay warnings in `d`'s log so far.
+fn open_relay_warnings(d: &Daemon) -> Vec<String> {
+    let mut w = d.warnings();
+    w.retain(|l| l.contains("open relay"));
+    w
+}
+
+#[test]
+fn listening_beyond_loopback_without_allow_warns_once() {
+    let s = Scratch::new("open-relay");
+    // Beyond loopback with no allow= list: one WARN line naming both ways to close it.
+    // connect_to= keeps the test's own daemon from relaying anywhere real meanwhile
+    // (it does not silence the warning: anyone could still reach it and call Luup).
+    let cfg = s.file("open.ini", "[host]\nconnect_to=127.0.0.1:9\nstop_from=\n");
+    let d = Daemon::start_args(&args(&[
+        "-c",
+        &cfg,
+        "-a",
+        "0.0.0.0",
+        "-p",
+        "0",
+        "-N",
+        "http://127.0.0.1:9",
+    ]));
+    d.wait_log(dur(5_000), "the ready line", |l| l.contains(" ready;"));
+    let w = open_relay_warnings(&d);
+    assert_eq!(
+        w.len(),
+        1,
+        "want one open-relay warning, log:\n{:#?}",
+        d.log_lines()
+    );
+    for want in ["0.0.0.0", "allow=", "[host]", "-a 127.0.0.1"] {
+        assert!(w[0].contains(want), "no {want:?} in the warning: {}", w[0]);
+    }
+    drop(d);
+
+    // Loopback: nothing to warn about.
+    let d = Daemon::start_args(&args(&[
+        "-a",
+        "127.0.0.1",
+        "-p",
+        "0",
+        "-N",
+        "http://127.0.0.1:9",
+    ]));
+    d.wait_log(dur(5_000), "the ready line", |l| l.contains(" ready;"));
+    assert_eq!(open_relay_warnings(&d), Vec::<String>::new(), "on loopback");
+    drop(d);
+
+    // Beyond loopback with an allow= list: the operator has restricted it.
+    let cfg = s.file("allow.ini", "[host]\nip=0.0.0.0\nport=0\nallow=127.0.0.1\n");
+    let d = Daemon::start_args(&args(&["-c", &cfg, "-N", "http://127.0.0.1:9"]));
+    d.wait_log(dur(5_000), "the ready line", |l| l.contains(" ready;"));
+    assert_eq!(open_relay_warnings(&d), Vec::<String>::new(), "with allow=");
+}

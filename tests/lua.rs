@@ -1,7 +1,9 @@
 //! Plugins written in Lua against the real LuaSocket (`tests/lua/*.lua`, run with
-//! `lua5.1`): the notify-then-read pattern of a Luup plugin, and the seed README's
-//! `connect()` sample falling back to a direct connection. Skipped, with the reason
-//! printed, when `lua5.1` or LuaSocket is missing (`LUA` overrides the interpreter).
+//! `lua5.1`): the notify-then-read pattern of a Luup plugin, the seed README's
+//! `connect()` sample falling back to a direct connection, and the client printed in
+//! docs/PROTOCOL.md (read from the file), through the proxy and without it. Skipped,
+//! with the reason printed, when `lua5.1` or LuaSocket is missing (`LUA` overrides the
+//! interpreter).
 
 use crate::util::*;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -156,4 +158,100 @@ fn readme_connect_sample_falls_back_to_a_direct_connection() {
         "the socket connect() returned is not a direct connection to the device"
     );
     d.wait_no_other_connections(dur(5_000), "after the sample gave up on the proxy");
+}
+
+/// The Lua client printed in docs/PROTOCOL.md, with `PROXY_PORT` pointed at `proxy_port`
+/// and tests/lua/protocol_doc_client.lua behind it, as one script file.
+fn doc_client_script(proxy_port: u16) -> ScratchFile {
+    let doc = std::fs::read_to_string(top("docs/PROTOCOL.md")).expect("docs/PROTOCOL.md");
+    let client = doc
+        .split("```lua\n")
+        .filter_map(|b| b.split_once("\n```").map(|(code, _)| code))
+        .find(|code| code.contains("function connect("))
+        .expect("no ```lua block with function connect( in docs/PROTOCOL.md");
+    let line = r#"local PROXY_HOST, PROXY_PORT = "127.0.0.1", 2504"#;
+    assert_eq!(
+        client.matches(line).count(),
+        1,
+        "the client's proxy address line is not {line:?}"
+    );
+    let client = client.replace(
+        line,
+        &format!(r#"local PROXY_HOST, PROXY_PORT = "127.0.0.1", {proxy_port}"#),
+    );
+    let driver = std::fs::read_to_string(script("protocol_doc_client.lua")).expect("driver");
+    ScratchFile::new("doc_client.lua", &format!("{client}\n{driver}"))
+}
+
+/// Runs the documented client against the echo device through `proxy_port`; returns
+/// whether it said it went through the proxy, after checking the echo and the close.
+#[track_caller]
+fn run_doc_client(lua: &str, proxy_port: u16, dev: &EchoDevice) -> bool {
+    let f = doc_client_script(proxy_port);
+    let args = vec![f.arg(), dev.addr.port().to_string()];
+    let o = run_lua(lua, &args, dur(30_000));
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        o.status.success(),
+        "the client failed ({}):\n{stderr}\n{stdout}",
+        o.status
+    );
+    for want in ["GOT PING", "STATE closed"] {
+        assert!(
+            stdout.lines().any(|l| l == want),
+            "no {want:?} line:\n{stdout}\n{stderr}"
+        );
+    }
+    match stdout.lines().find_map(|l| l.strip_prefix("PROXIED ")) {
+        Some("true") => true,
+        Some("false") => false,
+        _ => panic!("no PROXIED line:\n{stdout}\n{stderr}"),
+    }
+}
+
+#[test]
+fn protocol_doc_client_goes_through_the_proxy_and_is_notified() {
+    let Some(lua) = lua() else { return };
+    let luup = FakeLuup::start();
+    let d = Daemon::start(&luup.url());
+    let dev = EchoDevice::start();
+    assert!(
+        run_doc_client(&lua, d.port(), &dev),
+        "the client went direct"
+    );
+    // The NTFY= it built reached Luup: device, service and action as given.
+    let mut seen = None;
+    wait_until(dur(5_000), "a notification for device 42", || {
+        seen = luup
+            .requests()
+            .into_iter()
+            .find(|r| r.param("DeviceNum").as_deref() == Some("42"));
+        seen.is_some()
+    });
+    let r = seen.expect("seen");
+    assert_eq!(
+        (
+            r.param("serviceId").as_deref(),
+            r.param("action").as_deref()
+        ),
+        (
+            Some("urn:example-com:serviceId:Example1"),
+            Some("HandleReceive")
+        ),
+        "{}",
+        r.line
+    );
+}
+
+#[test]
+fn protocol_doc_client_falls_back_to_a_direct_connection() {
+    let Some(lua) = lua() else { return };
+    // Nothing listens on the proxy's port: the client connects to the device itself.
+    let dev = EchoDevice::start();
+    assert!(
+        !run_doc_client(&lua, free_port(), &dev),
+        "the client claims a proxy"
+    );
+    assert_eq!(dev.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 }

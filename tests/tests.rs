@@ -1,6 +1,6 @@
 //! Black-box tests of `sockproxyd`: each test starts the real binary on its own ports
 //! and talks to it over loopback, as plugins, people and Luup do. See `util` for the
-//! fakes and `/work/shared/PROTOCOL.md` for the contract checked here.
+//! fakes and `docs/PROTOCOL.md` for the protocol checked here.
 
 mod util;
 
