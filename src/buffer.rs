@@ -15,15 +15,107 @@
 //! 4 KiB on a 2 KiB buffer). Storage given back waits in a small per-thread
 //! spare list, so a busy connection that empties its buffer on every write
 //! reuses it instead of going to the allocator each time.
+//!
+//! All storage is counted against the memory budget (`[host] max_mem=`,
+//! `set_budget`). A buffer takes storage of its whole capacity while the
+//! budget allows; past it, a buffer bigger than `GUARANTEED` gets only
+//! `GUARANTEED` bytes (it reads in small steps: backpressure, nothing is
+//! dropped), and one that must hold whole datagrams or lines (`whole`)
+//! still gets its capacity. So a connection always moves, and hostile
+//! connections with huge BLKS hold at most what the budget let them take.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
+
+use log::{info, warn};
+
+/// What a buffer always gets, budget or not: the default BLKS.
+pub const GUARANTEED: usize = crate::protocol::DEFAULT_BLKS;
 
 /// Most bytes of storage kept spare for reuse (per thread: the loop's).
 const SPARE_BYTES: usize = 128 * 1024;
 
 thread_local! {
     static SPARE: RefCell<Spare> = const { RefCell::new(Spare { bufs: Vec::new(), bytes: 0 }) };
+    static BUDGET: Cell<Budget> = const {
+        Cell::new(Budget { limit: usize::MAX, used: 0, spent: false })
+    };
+}
+
+/// The memory budget of the loop's thread: bytes of storage in use.
+#[derive(Clone, Copy)]
+struct Budget {
+    limit: usize,
+    used: usize,
+    /// Logged as spent, not yet as available again.
+    spent: bool,
+}
+
+/// Sets the budget (`[host] max_mem=`) for buffers on this thread.
+pub fn set_budget(limit: usize) {
+    BUDGET.with(|b| {
+        let mut v = b.get();
+        v.limit = limit;
+        b.set(v);
+    });
+}
+
+/// Bytes of storage in use on this thread (buffers and what `charge` adds).
+pub fn budget_used() -> usize {
+    BUDGET.with(|b| b.get().used)
+}
+
+/// Whether the budget is spent: storage beyond the guaranteed is refused.
+pub fn budget_spent() -> bool {
+    BUDGET.with(|b| {
+        let v = b.get();
+        v.used >= v.limit
+    })
+}
+
+/// Counts `n` more bytes (reply queues, and buffers' storage); with
+/// `only_within`, only if the budget allows them (then true).
+fn count(n: usize, only_within: bool) -> bool {
+    BUDGET.with(|b| {
+        let mut v = b.get();
+        let after = v.used.saturating_add(n);
+        if only_within && after > v.limit {
+            if !v.spent {
+                v.spent = true;
+                b.set(v);
+                warn!(
+                    "memory budget spent ({} of max_mem={} bytes in buffers): \
+                     connections read in {GUARANTEED}-byte steps until it frees",
+                    v.used, v.limit
+                );
+            }
+            return false;
+        }
+        v.used = after;
+        b.set(v);
+        true
+    })
+}
+
+/// Counts `n` more bytes whatever the budget says (what is guaranteed).
+pub fn charge(n: usize) {
+    count(n, false);
+}
+
+/// `n` bytes counted before are given back.
+pub fn refund(n: usize) {
+    BUDGET.with(|b| {
+        let mut v = b.get();
+        v.used = v.used.saturating_sub(n);
+        if v.spent && v.used <= v.limit / 4 * 3 {
+            v.spent = false;
+            info!(
+                "memory budget available again ({} of max_mem={} bytes in buffers)",
+                v.used, v.limit
+            );
+        }
+        b.set(v);
+    });
 }
 
 struct Spare {
@@ -45,6 +137,7 @@ fn take(len: usize) -> Box<[u8]> {
 
 /// Keeps `buf` for reuse if the spare list has room; frees it otherwise.
 fn give_back(buf: Box<[u8]>) {
+    refund(buf.len());
     SPARE.with(|s| {
         if let Ok(mut s) = s.try_borrow_mut()
             && s.bytes + buf.len() <= SPARE_BYTES
@@ -62,18 +155,29 @@ pub struct Buffer {
     capacity: usize,
     start: usize,
     end: usize,
+    /// Always takes storage of its whole capacity (a UDP datagram, a
+    /// command line must fit in one piece).
+    whole: bool,
 }
 
 impl Buffer {
     /// A buffer of `capacity` bytes; its storage is taken at the first
-    /// `space`.
+    /// read, as big as the memory budget allows (at least `GUARANTEED`).
     pub fn new(capacity: usize) -> Buffer {
         Buffer {
             buf: Box::default(),
             capacity,
             start: 0,
             end: 0,
+            whole: false,
         }
+    }
+
+    /// A buffer whose storage is always its whole capacity.
+    pub fn whole(capacity: usize) -> Buffer {
+        let mut b = Buffer::new(capacity);
+        b.whole = true;
+        b
     }
 
     pub fn capacity(&self) -> usize {
@@ -93,8 +197,10 @@ impl Buffer {
         self.start == self.end
     }
 
+    /// No room for another byte: the storage taken is full (it may be less
+    /// than the capacity while the memory budget is spent).
     pub fn is_full(&self) -> bool {
-        self.len() == self.capacity
+        self.capacity == 0 || (self.holds_storage() && self.end - self.start == self.buf.len())
     }
 
     /// Whether storage is held.
@@ -128,7 +234,16 @@ impl Buffer {
     /// (at most one buffer's worth), so the whole capacity is always usable.
     fn space(&mut self) -> &mut [u8] {
         if self.buf.is_empty() && self.capacity > 0 {
-            self.buf = take(self.capacity);
+            let size = if self.whole || self.capacity <= GUARANTEED || count(self.capacity, true) {
+                if self.whole || self.capacity <= GUARANTEED {
+                    charge(self.capacity);
+                }
+                self.capacity
+            } else {
+                charge(GUARANTEED);
+                GUARANTEED
+            };
+            self.buf = take(size);
         }
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
@@ -161,17 +276,20 @@ impl Buffer {
         }
     }
 
-    /// Copies as much of `bytes` as fits; returns how much did.
+    /// Copies as much of `bytes` as fits in the whole capacity; returns how
+    /// much did.
     pub fn push(&mut self, bytes: &[u8]) -> usize {
         if bytes.is_empty() {
             return 0;
         }
+        let whole = std::mem::replace(&mut self.whole, true);
         let space = self.space();
         let n = space.len().min(bytes.len());
         if let (Some(dst), Some(src)) = (space.get_mut(..n), bytes.get(..n)) {
             dst.copy_from_slice(src);
         }
         self.fill(n);
+        self.whole = whole;
         n
     }
 }
@@ -227,6 +345,43 @@ mod tests {
         assert!(!b.holds_storage() && b.is_empty());
         assert_eq!(b.push(&[7; 20]), 16, "the capacity stays fixed");
         assert!(b.is_full());
+    }
+
+    #[test]
+    fn past_the_budget_big_buffers_get_the_guaranteed_storage() {
+        // Each test runs on a thread of its own: its own budget.
+        use super::{GUARANTEED, budget_spent, budget_used, set_budget};
+        set_budget(100_000);
+        let base = budget_used();
+        let mut big = Buffer::new(64 * 1024);
+        assert_eq!(big.push(&[1; 10]), 10, "push takes the whole capacity");
+        assert_eq!(budget_used(), base + 64 * 1024);
+        let mut second = Buffer::new(64 * 1024);
+        // Reads get what the budget allows: the guaranteed storage only.
+        let n = second
+            .read_with(usize::MAX, |space| Ok(space.len()))
+            .unwrap_or(0);
+        assert_eq!(n, GUARANTEED);
+        assert!(second.is_full(), "full at its storage: no more reading");
+        assert_eq!(budget_used(), base + 64 * 1024 + GUARANTEED);
+        // Whole buffers get their capacity, budget or not.
+        let mut whole = Buffer::whole(50_000);
+        let n = whole
+            .read_with(usize::MAX, |space| Ok(space.len()))
+            .unwrap_or(0);
+        assert_eq!(n, 50_000);
+        assert!(budget_spent());
+        // Given back: room again, and the next read gets the whole capacity.
+        drop(whole);
+        big.consume(10);
+        second.consume(GUARANTEED);
+        assert_eq!(budget_used(), base);
+        assert!(!budget_spent());
+        let n = second
+            .read_with(usize::MAX, |space| Ok(space.len()))
+            .unwrap_or(0);
+        assert_eq!(n, 64 * 1024);
+        set_budget(usize::MAX);
     }
 
     #[test]

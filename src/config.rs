@@ -18,6 +18,14 @@ use crate::selfcheck;
 pub const DEFAULT_PORT: u16 = 2504;
 pub const DEFAULT_VERA: &str = "http://127.0.0.1:3480";
 pub const DEFAULT_MAX_CONNS: usize = 512;
+/// `[host] max_mem=` by default: 8 MiB of buffers. A Vera3 has 64 MB in
+/// all, most of it LuaUPnP's; 8 MiB keeps 500 busy default connections
+/// (2 x 2 KiB each) in full flow, and bounds what hostile ones can make the
+/// daemon hold. Past it each connection still gets its guaranteed small
+/// buffers (README "Security").
+pub const DEFAULT_MAX_MEM: usize = 8 * 1024 * 1024;
+const MIN_MAX_MEM: usize = 64 * 1024;
+const MAX_MAX_MEM: usize = 1024 * 1024 * 1024;
 /// Upper bounds of the limits themselves: beyond these a value is a typo.
 const MAX_MAX_BLKS: usize = 64 << 20;
 const MAX_MAX_LINE: usize = 1 << 20;
@@ -55,6 +63,9 @@ pub struct Config {
     pub direct: Vec<Direct>,
     /// Most simultaneous client connections (`[host] max_conns=`).
     pub max_conns: usize,
+    /// Most bytes of buffer storage in all (`[host] max_mem=`): past it,
+    /// connections read in small steps (backpressure), nothing is dropped.
+    pub max_mem: usize,
     /// `[host] max_line=`, `max_blks=`.
     pub limits: Limits,
     /// Clients allowed on every listener; `None`: everyone.
@@ -77,6 +88,7 @@ impl Default for Config {
             debug: false,
             direct: Vec::new(),
             max_conns: DEFAULT_MAX_CONNS,
+            max_mem: DEFAULT_MAX_MEM,
             limits: Limits::default(),
             allow: None,
             stop_from: AddrList::loopback(),
@@ -257,6 +269,18 @@ fn parse_limit(v: Option<&str>, max: usize) -> Option<usize> {
     v?.parse::<usize>().ok().filter(|&n| n > 0 && n <= max)
 }
 
+/// A byte count: decimal, with an optional `K` or `M` (x1024, x1024²),
+/// from 64 KiB to 1 GiB.
+fn parse_bytes(s: &str) -> Option<usize> {
+    let (digits, unit) = match s.as_bytes().last()? {
+        b'k' | b'K' => (s.get(..s.len() - 1)?, 1024),
+        b'm' | b'M' => (s.get(..s.len() - 1)?, 1024 * 1024),
+        _ => (s, 1),
+    };
+    let n = digits.parse::<usize>().ok()?.checked_mul(unit)?;
+    (MIN_MAX_MEM..=MAX_MAX_MEM).contains(&n).then_some(n)
+}
+
 /// `*` or an IP address literal.
 fn parse_ip(s: &str) -> Option<IpAddr> {
     match s {
@@ -320,6 +344,9 @@ pub fn apply_file(config: &mut Config, name: &str, text: &str) -> Result<(), Con
             ("host", "debug") => config.debug = is_true(value).ok_or_else(|| bad("debug"))?,
             ("host", "max_conns") => {
                 config.max_conns = parse_limit(value, 1 << 20).ok_or_else(|| bad("max_conns"))?;
+            }
+            ("host", "max_mem") => {
+                config.max_mem = value.and_then(parse_bytes).ok_or_else(|| bad("max_mem"))?;
             }
             ("host", "max_line") => {
                 config.limits.max_line =

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use log::{debug, info};
 
-use crate::buffer::Buffer;
+use crate::buffer::{self, Buffer};
 use crate::notify::Job;
 use crate::protocol::{self, CmdError, Command, ConnRequest, Limits, Line, Settings, Transport};
 use crate::stat::Row;
@@ -237,16 +237,25 @@ pub struct Conn {
     /// Where echo mode's next scan of its six moves starts (round robin, so
     /// neither direction starves the other).
     cursor: u8,
+    /// `out`'s storage as counted against the memory budget.
+    out_counted: usize,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        buffer::refund(self.out_counted);
+    }
 }
 
 impl Conn {
     /// A connection on the command port: the greeting is queued.
     pub fn command(id: String, client: SocketAddr, limits: Limits, now: Instant) -> Conn {
         let out = protocol::greeting(&id).into_bytes();
-        // Room for a longest line, its CR and its LF.
-        let input = Buffer::new(limits.max_line.saturating_add(2));
+        // Room for a longest line, its CR and its LF, in one piece.
+        let input = Buffer::whole(limits.max_line.saturating_add(2));
         let mut conn = Conn::new(id, client, false, State::Command { input }, out, now);
         conn.limits = limits;
+        conn.count_out();
         conn
     }
 
@@ -291,7 +300,19 @@ impl Conn {
             news: false,
             acts: 0,
             cursor: 0,
+            out_counted: 0,
         }
+    }
+
+    /// Brings the memory budget's count of `out` up to date.
+    fn count_out(&mut self) {
+        let cap = self.out.capacity();
+        if cap > self.out_counted {
+            buffer::charge(cap - self.out_counted);
+        } else {
+            buffer::refund(self.out_counted - cap);
+        }
+        self.out_counted = cap;
     }
 
     /// Moves to `next`, logging the transition; returns the old state.
@@ -395,7 +416,11 @@ impl Conn {
         // Unread replies past the high water hold further commands back
         // until the client reads (then `WriteClient` makes room and the
         // commands already in `input` go on without waiting for new input).
-        if self.out.len() <= OUT_HIGH_WATER {
+        // With the memory budget spent, replies wait for the client once they
+        // pass a small size (PROTOCOL.md "Limits": max_mem).
+        let held = self.out.len() > OUT_HIGH_WATER
+            || (self.out.len() > OUT_KEEP && buffer::budget_spent());
+        if !held {
             let (parsed, used) = match protocol::next_line(input.data(), self.limits.max_line) {
                 Line::Incomplete => (None, 0),
                 Line::TooLong => (Some(Err(CmdError::TooLong)), input.len()),
@@ -651,6 +676,7 @@ impl Conn {
             if self.out.is_empty() && self.out.capacity() > OUT_KEEP {
                 self.out = Vec::new();
             }
+            self.count_out();
             return;
         }
         let udp = self.udp();
@@ -827,6 +853,7 @@ impl Conn {
 
     fn reply(&mut self, text: &str) {
         self.out.extend_from_slice(text.as_bytes());
+        self.count_out();
     }
 
     /// Queues the error reply (one line) and drains.
@@ -897,7 +924,16 @@ impl Conn {
         };
         // The client may have sent more than one block behind its CONN
         // line: the buffer toward the remote is made big enough to keep it.
-        let mut to_remote = Buffer::new(blks.max(early.len()));
+        // UDP buffers hold whole datagrams, whatever the memory budget.
+        let udp = self.udp();
+        let new = |n| {
+            if udp {
+                Buffer::whole(n)
+            } else {
+                Buffer::new(n)
+            }
+        };
+        let mut to_remote = new(blks.max(early.len()));
         to_remote.push(early.data());
         if !self.direct {
             let reply = protocol::ok_conn(self.notify_pid());
@@ -914,7 +950,7 @@ impl Conn {
         self.last_active = now;
         self.enter(State::Echo(Echo {
             to_remote,
-            to_client: Buffer::new(blks),
+            to_client: new(blks),
             // A client that ended behind its CONN data: pass the end on
             // once the data is out.
             up: if self.client_ended {

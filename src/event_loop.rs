@@ -113,6 +113,8 @@ pub struct EventLoop {
 
 /// Serves until STOP or a signal; `Err` only if the poll itself fails.
 pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io::Result<()> {
+    // PROTOCOL.md "Limits": all buffer storage within max_mem.
+    crate::buffer::set_budget(config.max_mem);
     let poll = Poll::new()?;
     let registry = poll.registry().try_clone()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);

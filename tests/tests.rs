@@ -14,6 +14,7 @@ mod faults;
 mod init_script;
 mod lifecycle;
 mod lua;
+mod memory;
 mod notify;
 mod openwrt_uci;
 mod vera_plugin;
