@@ -105,8 +105,10 @@ pub struct EventLoop {
     stopping: Option<String>,
     /// An accept failed (out of descriptors): logged once until one succeeds.
     accept_failing: bool,
-    /// At max_conns: logged once until a connection is let in again.
+    /// At max_conns: logged once until a connection is let in again, then
+    /// with the count of clients refused meanwhile.
     at_capacity: bool,
+    busy_refused: u64,
     /// Clients refused by allow=: a line at most every 10 s.
     refused: RateLog,
 }
@@ -180,6 +182,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io
         stopping: None,
         accept_failing: false,
         at_capacity: false,
+        busy_refused: 0,
         refused: RateLog::default(),
     };
     let result = lp.serve();
@@ -315,6 +318,7 @@ impl EventLoop {
                     self.at_capacity = true;
                 }
                 debug!("refused connection from {addr}: busy");
+                self.busy_refused += 1;
                 if direct.is_none() {
                     // Where the greeting would go; the socket is new and
                     // empty, so this small write does not block.
@@ -323,7 +327,10 @@ impl EventLoop {
                 continue;
             }
             if self.at_capacity {
-                info!("below max_conns again: accepting");
+                info!(
+                    "below max_conns again: accepting ({} clients refused with ERR BUSY meanwhile)",
+                    std::mem::take(&mut self.busy_refused)
+                );
                 self.at_capacity = false;
             }
             let _ = stream.set_nodelay(true);
