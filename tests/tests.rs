@@ -16,4 +16,5 @@ mod lifecycle;
 mod lua;
 mod notify;
 mod openwrt_uci;
+mod reload;
 mod vera_plugin;
