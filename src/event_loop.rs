@@ -434,51 +434,22 @@ impl EventLoop {
                 let open: Vec<_> = self.listeners.iter().map(|(k, l)| (k, l.want)).collect();
                 let plan = listen::plan(&open, listen::wanted(&config))?;
                 let staged = listen::stage(&self.listeners, plan)?;
-                // Same path: the reopen for rotation. Another one that
-                // cannot be opened refuses the reload.
-                let log = match Log::prepare(config.log.as_deref()) {
-                    Ok(log) => Some(log),
-                    Err(e) if config.log == self.log.path() => {
-                        warn!("SIGHUP: cannot reopen {}: {e}", OneLinePath(&config.log));
-                        None
-                    }
-                    Err(e) => {
-                        return Err(format!(
-                            "cannot open log file {}: {e}",
-                            OneLinePath(&config.log)
-                        ));
-                    }
-                };
+                let log = self.log.prepare_reload(config.log.as_deref())?;
                 Ok((config, staged, log))
             });
         let (config, staged, log) = match prepared {
             Ok(p) => p,
             Err(why) => {
-                match self.log.reopen() {
-                    Ok(Some(path)) => info!("SIGHUP: log file {} reopened", path.display()),
-                    Ok(None) => {}
-                    Err(e) => warn!("SIGHUP: cannot reopen the log file: {e}"),
-                }
-                return warn!(
+                self.log.reopen_logged();
+                warn!(
                     "SIGHUP: configuration not reloaded, the running one stays: {}",
                     protocol::OneLine(&why)
                 );
+                return;
             }
         };
         if let Some(to) = log {
-            let old = self.log.path();
-            let new = to.path().map(std::path::Path::to_path_buf);
-            if old != new {
-                info!("SIGHUP: the log continues in {}", OneLinePath(&new));
-            }
-            self.log.switch(to);
-            match (old, new) {
-                (old, new) if old != new => {
-                    info!("SIGHUP: the log continued from {}", OneLinePath(&old));
-                }
-                (_, Some(path)) => info!("SIGHUP: log file {} reopened", path.display()),
-                (_, None) => {}
-            }
+            self.log.switch_logged(to);
         }
         logging::set_debug(config.debug);
         for w in &config.warnings {
@@ -540,17 +511,5 @@ impl EventLoop {
         }
         self.ctx.notifier.finish(FINAL_NOTIFY_WAIT);
         info!("stopped");
-    }
-}
-
-/// A log path, or stderr, as one line.
-struct OneLinePath<'a>(&'a Option<std::path::PathBuf>);
-
-impl std::fmt::Display for OneLinePath<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            Some(p) => write!(f, "{}", protocol::OneLine(&p.display().to_string())),
-            None => write!(f, "stderr"),
-        }
     }
 }

@@ -3,17 +3,19 @@
 //! reload may move the log to another file or to stderr (`switch`) and turn
 //! debug lines on or off (`set_debug`).
 //!
-//! In scope: where log lines go, how they look, and the level. Out of scope:
-//! what is logged and at which level (each module decides), when to switch
-//! (the loop's reload).
+//! In scope: where log lines go, how they look, and the level; the lines
+//! that say the log moved. Out of scope: what else is logged and at which
+//! level (each module decides), when to switch (the loop's reload).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use log::LevelFilter;
+use log::{LevelFilter, info, warn};
 use simplelog::{ConfigBuilder, WriteLogger};
+
+use crate::protocol::OneLine;
 
 /// Where log lines go.
 enum Sink {
@@ -85,6 +87,63 @@ impl Log {
     pub fn switch(&self, to: Prepared) {
         if let Ok(mut sink) = self.sink.lock() {
             *sink = to.0;
+        }
+    }
+
+    /// For a reload: opens the log it asks for. `Ok(None)` when that is the
+    /// file in use and it cannot be opened again (said in the log: lines
+    /// keep going to the open file, as a failed rotation always did); `Err`
+    /// (the reason) when another one cannot be opened.
+    pub fn prepare_reload(&self, path: Option<&Path>) -> Result<Option<Prepared>, String> {
+        match Log::prepare(path) {
+            Ok(to) => Ok(Some(to)),
+            Err(e) if path == self.path().as_deref() => {
+                warn!("SIGHUP: cannot reopen {}: {e}", Shown(path));
+                Ok(None)
+            }
+            Err(e) => Err(format!("cannot open log file {}: {e}", Shown(path))),
+        }
+    }
+
+    /// `switch`, saying so: the old file's last line names the new
+    /// destination, the new one's first the old; the same file says it was
+    /// reopened (rotation).
+    pub fn switch_logged(&self, to: Prepared) {
+        let old = self.path();
+        let new = to.path().map(Path::to_path_buf);
+        if old == new {
+            self.switch(to);
+            if let Some(path) = new {
+                info!("SIGHUP: log file {} reopened", Shown(Some(&path)));
+            }
+            return;
+        }
+        info!("SIGHUP: the log continues in {}", Shown(new.as_deref()));
+        self.switch(to);
+        info!("SIGHUP: the log continued from {}", Shown(old.as_deref()));
+    }
+
+    /// `reopen`, saying so (SIGHUP when the configuration is not reloaded).
+    pub fn reopen_logged(&self) {
+        match self.reopen() {
+            Ok(Some(path)) => info!("SIGHUP: log file {} reopened", Shown(Some(&path))),
+            Ok(None) => {}
+            Err(e) => warn!(
+                "SIGHUP: cannot reopen {}: {e}",
+                Shown(self.path().as_deref())
+            ),
+        }
+    }
+}
+
+/// A log path on one line, or `stderr`.
+struct Shown<'a>(Option<&'a Path>);
+
+impl std::fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(p) => write!(f, "{}", OneLine(&p.display().to_string())),
+            None => write!(f, "stderr"),
         }
     }
 }
