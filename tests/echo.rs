@@ -784,10 +784,12 @@ fn rtim_does_not_count_the_time_we_hold_the_remote_back() {
     // the remote a reset while still sending. Every byte must arrive, then the end.
     let (_l, d) = daemon();
     let dev = Device::listen();
+    // Made before CONN: in a debug build on a busy machine, making 32 MiB took over a
+    // second, and RTIM then rightly ended a remote that had not sent a byte yet.
+    let data = payload(32 * MIB, 77);
     let (mut c, _) = d.client();
     conn_ok(&mut c, &format!("CONN {} RTIM=1000", dev.target()));
     let r = dev.accept();
-    let data = payload(32 * MIB, 77);
     let to_send = data.clone();
     let remote = thread::spawn(move || {
         let mut r = r;
