@@ -16,10 +16,11 @@
 # Ubuntu). POSIX sh. Install as /etc/init.d/sockproxyd, then
 # `update-rc.d sockproxyd defaults` (see README.md, "Installing").
 #
-# Actions: start, stop, restart, force-reload, reload (both = restart: the
-# daemon reads its configuration only at start), status (LSB codes: 0 running,
-# 1 dead with a pid file left, 3 not running), reopen-log (SIGHUP, for
-# logrotate's postrotate).
+# Actions: start, stop, restart, reload (SIGHUP: the daemon re-reads its
+# configuration and keeps its connections; one that does not parse changes
+# nothing and is told in the log; 7 if not running), force-reload (reload if
+# running, else start), status (LSB codes: 0 running, 1 dead with a pid file
+# left, 3 not running), reopen-log (SIGHUP too, for logrotate's postrotate).
 #
 # Settings: the environment, then /etc/default/sockproxyd (or the file named
 # by SOCKPROXYD_DEFAULTS), which wins; unset ones get these defaults:
@@ -255,12 +256,32 @@ do_reopen_log() {
 	return 7
 }
 
+# SIGHUP: the daemon reads its command line again (the -c file anew) and
+# applies it without dropping connections; the outcome is one line in
+# $LOGFILE ("configuration reloaded" or "not reloaded, ...: why").
+do_reload() {
+	if pid=$(read_pid) && is_ours "$pid"; then
+		kill -HUP "$pid" && echo "$NAME reloads $CONFIG (the outcome is logged in $LOGFILE)"
+		return
+	fi
+	echo "$NAME is not running"
+	return 7
+}
+
 case "$1" in
 start) do_start ;;
 stop) do_stop ;;
-restart | force-reload | reload)
+restart)
 	do_stop || exit 1
 	do_start
+	;;
+reload) do_reload ;;
+force-reload)
+	if pid=$(read_pid) && is_ours "$pid"; then
+		do_reload
+	else
+		do_start
+	fi
 	;;
 status) do_status ;;
 reopen-log) do_reopen_log ;;

@@ -209,6 +209,19 @@ where
     Ok(Parsed::Run(Box::new(config)))
 }
 
+/// The command line the daemon started with, read again for a reload
+/// (PROTOCOL.md "Lifecycle": SIGHUP), its files read anew. `Err` is the one
+/// line saying why the running configuration stays.
+pub fn reparse(args: &[OsString]) -> Result<Config, ConfigError> {
+    match parse_args(args.iter().cloned())? {
+        Parsed::Run(config) => Ok(*config),
+        // Not reached: with these the daemon would not have started.
+        Parsed::Help | Parsed::Version => Err(ConfigError::Usage(
+            "the command line asks for --help or --version".into(),
+        )),
+    }
+}
+
 /// `[direct]` entries are parsed before the file may have set `max_blks`.
 fn check_direct_blks(config: &Config) -> Result<(), ConfigError> {
     for d in &config.direct {
@@ -462,6 +475,23 @@ mod tests {
         let f = temp_file("allow.ini", "[host]\nallow=192.168.1.0/24\n");
         let f = f.to_str().expect("utf-8 path");
         assert_eq!(warns(&["-c", f]), None, "with allow=");
+    }
+
+    #[test]
+    fn reparse_reads_the_files_again() {
+        let f = temp_file("reparse.ini", "[host]\nport=2600\n");
+        let args: Vec<OsString> = vec!["-p".into(), "2700".into(), "-c".into(), f.clone().into()];
+        assert_eq!(reparse(&args).map(|c| c.port), Ok(2600));
+        std::fs::write(&f, "[host]\nport=2601\ndebug=1\n").expect("rewrite");
+        let c = reparse(&args).expect("ok");
+        assert_eq!((c.port, c.debug), (2601, true));
+        std::fs::write(&f, "[host]\nport=x\n").expect("rewrite");
+        let e = reparse(&args).expect_err("bad port");
+        assert!(e.to_string().ends_with(": line 2: bad port \"x\""), "{e}");
+        std::fs::remove_file(&f).expect("remove");
+        let e = reparse(&args).expect_err("gone");
+        assert!(e.to_string().starts_with("config: cannot read "), "{e}");
+        assert!(reparse(&["--version".into()]).is_err());
     }
 
     #[test]

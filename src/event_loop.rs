@@ -13,26 +13,26 @@
 //! its budget is spent, and then it goes on the `ready` list, so one busy
 //! connection cannot starve the rest.
 
+use std::ffi::OsString;
 use std::io::{self, Write};
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{debug, info, warn};
-use mio::net::TcpListener;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::conn::{Conn, reason};
-use crate::logging::LogFile;
+use crate::limits::Budget;
+use crate::listen::{self, Listener};
+use crate::logging::{self, Log};
 use crate::notify::Notifier;
-use crate::protocol::{self, ConnRequest};
+use crate::protocol;
 use crate::ratelog::RateLog;
 use crate::resolve::{self, Resolver};
-use crate::selfcheck::OwnPorts;
 use crate::session::{self, Ctx, Policy, Session, Verdict, client_token};
 use crate::side::Side;
 use crate::signals;
@@ -44,63 +44,22 @@ const SIGNALS: Token = Token(usize::MAX - 1);
 /// Listener `i` has token `LISTENERS + i`; connection `key` has tokens
 /// `2 key` (client) and `2 key + 1` (remote).
 const LISTENERS: usize = usize::MAX - 1 - (1 << 16);
-/// PROTOCOL.md "Listening": room for a burst of connects.
-const BACKLOG: i32 = 1024;
 /// Time left for final notifications at shutdown.
 const FINAL_NOTIFY_WAIT: Duration = Duration::from_secs(5);
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// 2020-01-01T00:00:00Z: connection ids count milliseconds from here.
 const ID_EPOCH: u64 = 1_577_836_800;
 
-pub struct Listener {
-    sock: TcpListener,
-    /// `None`: the command port; else a `[direct]` listener's target.
-    direct: Option<ConnRequest>,
-    /// An accept retry is armed (one at a time).
-    retrying: bool,
-}
-
-/// Binds the command port and every `[direct]` port (PROTOCOL.md
-/// "Listening"). The error is the one line to print before exiting.
-pub fn bind(config: &Config) -> Result<Vec<Listener>, String> {
-    let mut listeners = Vec::new();
-    let ports = std::iter::once((config.port, None)).chain(
-        config
-            .direct
-            .iter()
-            .map(|d| (d.port, Some(d.request.clone()))),
-    );
-    for (port, direct) in ports {
-        let addr = SocketAddr::new(config.ip, port);
-        // mio sets SO_REUSEADDR (a restart binds at once) and listens with
-        // a backlog of 128; listening again raises it.
-        let sock = TcpListener::bind(addr)
-            .and_then(|sock| {
-                // SAFETY: a plain syscall on a descriptor we own.
-                let rc = unsafe { libc::listen(sock.as_raw_fd(), BACKLOG) };
-                if rc == 0 {
-                    Ok(sock)
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            })
-            .map_err(|e| format!("cannot listen on {addr}: {}", reason(&e)))?;
-        listeners.push(Listener {
-            sock,
-            direct,
-            retrying: false,
-        });
-    }
-    Ok(listeners)
-}
-
 pub struct EventLoop {
     poll: Poll,
     sessions: Slab<Session>,
-    listeners: Vec<Listener>,
+    /// Listener `key` has token `LISTENERS + key`; a reload leaves holes.
+    listeners: Slab<Listener>,
     ctx: Ctx,
     signals: OwnedFd,
-    log: Option<LogFile>,
+    log: Log,
+    /// What a reload reads and sizes against.
+    restart: Restart,
     next_id: u64,
     stopping: Option<String>,
     /// An accept failed (out of descriptors): logged once until one succeeds.
@@ -113,8 +72,33 @@ pub struct EventLoop {
     refused: RateLog,
 }
 
+/// What a reload (SIGHUP) needs from the start.
+pub struct Restart {
+    /// The command line after the program name, read again at each reload.
+    pub args: Vec<OsString>,
+    /// `None` when the descriptor limit could not be read: `max_conns` is
+    /// then taken as configured.
+    pub budget: Option<Budget>,
+}
+
+fn listener_token(key: usize) -> Token {
+    Token(LISTENERS.saturating_add(key))
+}
+
+/// The rules for connections accepted from now on.
+fn policy(config: &Config, max_conns: usize, listeners: &Slab<Listener>) -> Policy {
+    Policy {
+        limits: config.limits,
+        max_conns,
+        allow: config.allow.clone(),
+        stop_from: config.stop_from.clone(),
+        connect_to: config.connect_to.clone(),
+        own: listen::own_ports(config.ip, listeners),
+    }
+}
+
 /// Serves until STOP or a signal; `Err` only if the poll itself fails.
-pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io::Result<()> {
+pub fn run(config: Config, listeners: Vec<Listener>, log: Log, restart: Restart) -> io::Result<()> {
     // PROTOCOL.md "Limits": all buffer storage within max_mem.
     crate::buffer::set_budget(config.max_mem);
     let poll = Poll::new()?;
@@ -128,24 +112,12 @@ pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io
         SIGNALS,
         Interest::READABLE,
     )?;
-    let mut listeners = listeners;
-    // The bound ports, so that `-p 0` is covered too.
-    let own = OwnPorts::new(
-        config.ip,
-        listeners
-            .iter()
-            .filter_map(|l| l.sock.local_addr().ok())
-            .map(|a| a.port())
-            .collect(),
-    );
-    for (i, l) in listeners.iter_mut().enumerate() {
-        registry.register(&mut l.sock, Token(LISTENERS + i), Interest::READABLE)?;
-        let addr = l.sock.local_addr()?;
-        match &l.direct {
-            None => info!("listening on {addr} (commands)"),
-            Some(req) => info!("listening on {addr} (direct to {})", req.target),
-        }
+    let mut listeners: Slab<Listener> = listeners.into_iter().enumerate().collect();
+    for (key, l) in listeners.iter_mut() {
+        registry.register(&mut l.sock, listener_token(key), Interest::READABLE)?;
+        l.announce();
     }
+    let policy = policy(&config, config.max_conns, &listeners);
     info!(
         "sockproxyd {} ready; notifying {}",
         env!("CARGO_PKG_VERSION"),
@@ -161,14 +133,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io
         listeners,
         ctx: Ctx {
             registry,
-            policy: Policy {
-                limits: config.limits,
-                max_conns: config.max_conns,
-                allow: config.allow,
-                stop_from: config.stop_from,
-                connect_to: config.connect_to,
-                own,
-            },
+            policy,
             timers: Timers::default(),
             notifier,
             resolver,
@@ -178,6 +143,7 @@ pub fn run(config: Config, listeners: Vec<Listener>, log: Option<LogFile>) -> io
         },
         signals,
         log,
+        restart,
         next_id: seed,
         stopping: None,
         accept_failing: false,
@@ -419,6 +385,7 @@ impl EventLoop {
 
     fn on_timer(&mut self, key: usize, kind: Kind, now: Instant) {
         if kind == Kind::Accept {
+            // A reload may have closed it meanwhile.
             if let Some(l) = self.listeners.get_mut(key) {
                 l.retrying = false;
             }
@@ -453,18 +420,83 @@ impl EventLoop {
     fn on_signals(&mut self) {
         for sig in signals::pending(&self.signals) {
             match sig {
-                libc::SIGHUP => match &self.log {
-                    Some(log) => match log.reopen() {
-                        Ok(()) => info!("SIGHUP: log file {} reopened", log.path().display()),
-                        Err(e) => warn!("SIGHUP: cannot reopen {}: {e}", log.path().display()),
-                    },
-                    None => info!("SIGHUP: logging to stderr, nothing to reopen"),
-                },
+                libc::SIGHUP => self.reload(),
                 libc::SIGTERM => self.stopping = Some("SIGTERM".into()),
                 libc::SIGINT => self.stopping = Some("SIGINT".into()),
                 _ => {}
             }
         }
+    }
+
+    /// PROTOCOL.md "Lifecycle": SIGHUP reads the command line the daemon
+    /// started with again (its files anew) and applies it to what comes
+    /// next: listeners (`listen.rs`), limits and access lists, the Luup URL,
+    /// the log file and level. Established connections keep what they
+    /// have: their limits, their notification URL (built at connect).
+    /// A configuration that does not parse, or a listener that cannot be
+    /// bound, changes nothing and is one line in the log; the log file is
+    /// reopened either way (log rotation).
+    fn reload(&mut self) {
+        let prepared = config::reparse(&self.restart.args)
+            .map_err(|e| e.to_string())
+            .and_then(|config| {
+                let open: Vec<_> = self.listeners.iter().map(|(k, l)| (k, l.want)).collect();
+                let plan = listen::plan(&open, listen::wanted(&config))?;
+                let staged = listen::stage(&self.listeners, plan)?;
+                let log = self.log.prepare_reload(config.log.as_deref())?;
+                Ok((config, staged, log))
+            });
+        let (config, staged, log) = match prepared {
+            Ok(p) => p,
+            Err(why) => {
+                self.log.reopen_logged();
+                warn!(
+                    "SIGHUP: configuration not reloaded, the running one stays: {}",
+                    protocol::OneLine(&why)
+                );
+                return;
+            }
+        };
+        if let Some(to) = log {
+            self.log.switch_logged(to);
+        }
+        logging::set_debug(config.debug);
+        for w in &config.warnings {
+            warn!("{w}");
+        }
+        let changed = listen::commit(
+            &mut self.listeners,
+            staged,
+            &self.ctx.registry,
+            listener_token,
+        );
+        let max_conns = match &self.restart.budget {
+            Some(budget) => {
+                let (fit, warning) = budget.max_conns(config.max_conns, self.listeners.len());
+                if let Some(w) = warning {
+                    warn!("{w}");
+                }
+                fit
+            }
+            None => config.max_conns,
+        };
+        self.ctx.policy = policy(&config, max_conns, &self.listeners);
+        self.ctx.vera = config.vera.clone();
+        // A smaller budget takes effect as buffers are given back and taken
+        // again: nothing already held is dropped.
+        crate::buffer::set_budget(config.max_mem);
+        if let Some(w) = config.open_relay_warning() {
+            warn!("{w}");
+        }
+        info!(
+            "SIGHUP: configuration reloaded: {} listeners ({} opened, {} closed, {} retargeted), \
+             max_conns={max_conns}, notifying {}; established connections keep their settings",
+            self.listeners.len(),
+            changed.opened,
+            changed.closed,
+            changed.retargeted,
+            config.vera
+        );
     }
 
     /// PROTOCOL.md "Lifecycle": stop accepting, end every connection, send

@@ -9,6 +9,7 @@ pub mod conn;
 pub mod event_loop;
 pub mod ini;
 pub mod limits;
+pub mod listen;
 pub mod logging;
 pub mod notify;
 pub mod protocol;

@@ -5,8 +5,11 @@
 //! descriptors the daemon holds and will hold besides its connections;
 //! `conn_limit` (pure) sizes `max_conns` so that every connection's two
 //! descriptors fit with a reserve, and a notification never fails for want
-//! of one. Out of scope: refusing clients (the loop's `ERR BUSY` path, at
-//! `Config::max_conns`), logging (`main` says what was decided).
+//! of one; `Budget` keeps what was counted at start, so that a reload
+//! (SIGHUP) sizes a new `max_conns`, with more or fewer listeners, the same
+//! way. Out of scope: refusing clients (the loop's `ERR BUSY` path, at
+//! `Config::max_conns`), logging (`main` and the loop's reload say what was
+//! decided).
 
 use std::io;
 
@@ -126,6 +129,50 @@ pub fn conn_limit(configured: usize, nofile: u64, fixed: u64) -> usize {
     usize::try_from(fit).map_or(configured, |fit| fit.min(configured))
 }
 
+/// The descriptors `max_conns` is sized against: the soft limit, and those
+/// the daemon keeps for itself besides its listeners. Measured once, before
+/// the loop starts; a reload counts only its listeners again (a count from
+/// /proc then would include the connections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    pub nofile: u64,
+    /// `fixed` without the listeners.
+    pub fixed: u64,
+}
+
+impl Budget {
+    /// Counts now, with `listeners` bound and nothing else of the loop's open.
+    pub fn measure(nofile: u64, listeners: usize) -> Budget {
+        let listeners = u64::try_from(listeners).unwrap_or(u64::MAX);
+        // stdio, the log, the listeners: what /proc would show.
+        let guess = listeners.saturating_add(4);
+        Budget {
+            nofile,
+            fixed: fixed(open_now(guess)).saturating_sub(listeners),
+        }
+    }
+
+    /// `configured` lowered so that every connection's descriptors fit
+    /// beside the daemon's own with `listeners` bound; with the warning to
+    /// log when it is lowered.
+    pub fn max_conns(&self, configured: usize, listeners: usize) -> (usize, Option<String>) {
+        let fixed = self
+            .fixed
+            .saturating_add(u64::try_from(listeners).unwrap_or(u64::MAX));
+        let fit = conn_limit(configured, self.nofile, fixed);
+        let warning = (fit < configured).then(|| {
+            format!(
+                "max_conns={configured} lowered to {fit}: {} descriptors (RLIMIT_NOFILE) \
+                 hold {fit} connections at {PER_CONN} each beside the {fixed} the daemon \
+                 keeps for itself; raise the hard limit (ulimit -Hn, or the init system's \
+                 nofile limit) to allow more",
+                self.nofile
+            )
+        });
+        (fit, warning)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +190,31 @@ mod tests {
             conn_limit(usize::MAX, u64::MAX, 0),
             usize::try_from(u64::MAX / 2).unwrap_or(usize::MAX)
         );
+    }
+
+    #[test]
+    fn budget_counts_listeners_apart() {
+        let b = Budget {
+            nofile: 100,
+            fixed: 40,
+        };
+        // (100 - 40 - 2) / 2 = 29: lowered, and said so.
+        let (fit, w) = b.max_conns(512, 2);
+        assert_eq!(fit, 29);
+        let w = w.expect("a warning");
+        assert!(
+            w.starts_with("max_conns=512 lowered to 29: 100 descriptors"),
+            "{w}"
+        );
+        assert!(w.contains("beside the 42 the daemon keeps"), "{w}");
+        // Ten more listeners after a reload: five connections fewer.
+        assert_eq!(b.max_conns(512, 12).0, 24);
+        assert_eq!(b.max_conns(20, 2), (20, None), "fits: no warning");
+        let b = Budget {
+            nofile: 10,
+            fixed: u64::MAX,
+        };
+        assert_eq!(b.max_conns(512, usize::MAX).0, 0);
     }
 
     #[test]

@@ -3,21 +3,25 @@
 //!
 //! `main` only orders the start: configuration, logging, the descriptor
 //! limit (raised, and `max_conns` sized to it once the listeners are bound),
-//! binding, then the event loop; every failure on the way becomes one line
-//! and an exit code.
+//! binding, then the event loop, which keeps the command line to read again
+//! on SIGHUP; every failure on the way becomes one line and an exit code.
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use log::{error, info, warn};
 use sockproxyd::config::{self, ConfigError, Parsed};
-use sockproxyd::{event_loop, limits, logging, protocol};
+use sockproxyd::event_loop::{self, Restart};
+use sockproxyd::limits::{self, Budget};
+use sockproxyd::{listen, logging, protocol};
 
 fn main() -> ExitCode {
     ExitCode::from(run())
 }
 
 fn run() -> u8 {
-    let mut config = match config::parse_args(std::env::args_os().skip(1)) {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut config = match config::parse_args(args.iter().cloned()) {
         Ok(Parsed::Run(config)) => *config,
         Ok(Parsed::Help) => {
             println!("{}", config::USAGE);
@@ -57,23 +61,29 @@ fn run() -> u8 {
     // PROTOCOL.md "Listening": one clear line on stderr (and in the log
     // file, if there is one) before the daemon reports itself ready.
     let fail = |msg: &str| {
-        if log.is_some() {
+        if log.path().is_some() {
             eprintln!("sockproxyd: {msg}");
         }
         error!("{msg}");
         1
     };
-    let listeners = match event_loop::bind(&config) {
+    let listeners = match listen::bind(&config) {
         Ok(l) => l,
         Err(msg) => return fail(&msg),
     };
-    if let Some(soft) = nofile {
-        config.max_conns = size_max_conns(config.max_conns, soft, listeners.len());
+    let budget = nofile.map(|soft| Budget::measure(soft, listeners.len()));
+    if let Some(budget) = &budget {
+        let (fit, warning) = budget.max_conns(config.max_conns, listeners.len());
+        if let Some(w) = warning {
+            warn!("{w}");
+        }
+        config.max_conns = fit;
     }
     if let Some(w) = config.open_relay_warning() {
         warn!("{w}");
     }
-    match event_loop::run(config, listeners, log.clone()) {
+    let restart = Restart { args, budget };
+    match event_loop::run(config, listeners, log.clone(), restart) {
         Ok(()) => 0,
         Err(e) => fail(&format!("event loop failed: {e}")),
     }
@@ -106,25 +116,4 @@ fn raise_nofile() -> Option<u64> {
             None
         }
     }
-}
-
-/// `max_conns` lowered so that every connection's descriptors fit beside
-/// the daemon's own (`limits`); a warning when it is lowered.
-fn size_max_conns(configured: usize, nofile: u64, listeners: usize) -> usize {
-    // stdio, the log, the listeners: what /proc would show.
-    let guess = u64::try_from(listeners)
-        .unwrap_or(u64::MAX)
-        .saturating_add(4);
-    let fixed = limits::fixed(limits::open_now(guess));
-    let fit = limits::conn_limit(configured, nofile, fixed);
-    if fit < configured {
-        warn!(
-            "max_conns={configured} lowered to {fit}: {nofile} descriptors (RLIMIT_NOFILE) \
-             hold {fit} connections at {} each beside the {fixed} the daemon keeps for \
-             itself; raise the hard limit (ulimit -Hn, or the init system's nofile \
-             limit) to allow more",
-            limits::PER_CONN
-        );
-    }
-    fit
 }

@@ -333,6 +333,57 @@ fn sysv_start_fails_when_the_port_is_in_use() {
 }
 
 #[test]
+fn sysv_reload_rereads_the_file_and_keeps_connections() {
+    let dir = Scratch::new("reload");
+    let port = free_port();
+    let conf = dir.write("sockproxyd.conf", &host_ini(port));
+    let svc = sysv(&dir, &conf, false, false);
+    let r = svc.expect("reload", 7);
+    assert!(r.out.contains("not running"), "{:?}", r.out);
+    svc.expect("start", 0);
+    let pid = svc.pid();
+    let echo = EchoDevice::start();
+    let mut c = Client::connect(loopback(port));
+    c.greet();
+    conn_ok(&mut c, &format!("CONN {}", echo.target()));
+    let direct = free_port();
+    dir.write(
+        "sockproxyd.conf",
+        &format!(
+            "{}[direct]\n{direct}=CONN {}\n",
+            host_ini(port),
+            echo.target()
+        ),
+    );
+    svc.expect("reload", 0);
+    wait_until(dur(5_000), "the reload in the log", || {
+        svc.log().contains("SIGHUP: configuration reloaded")
+    });
+    assert_eq!(svc.pid(), pid, "reload restarted the daemon");
+    let mut d = Client::connect(loopback(direct));
+    d.send(b"direct");
+    assert_eq!(d.read_n(6, dur(5_000)), b"direct");
+    c.send(b"kept");
+    assert_eq!(c.read_n(4, dur(5_000)), b"kept");
+    // force-reload: a reload while it runs, a start when it does not.
+    svc.expect("force-reload", 0);
+    wait_until(dur(5_000), "the second reload in the log", || {
+        svc.log().matches("SIGHUP: configuration reloaded").count() == 2
+    });
+    assert_eq!(svc.pid(), pid, "force-reload restarted the daemon");
+    c.send(b"still");
+    assert_eq!(c.read_n(5, dur(5_000)), b"still");
+    svc.expect("stop", 0);
+    svc.expect("force-reload", 0);
+    assert!(
+        svc.pid().is_some_and(|p| Some(p) != pid),
+        "force-reload did not start it"
+    );
+    Client::connect(loopback(direct)).shutdown_write();
+    svc.expect("stop", 0);
+}
+
+#[test]
 fn sysv_unknown_action_exits_2() {
     let dir = Scratch::new("usage");
     let conf = dir.path("none.conf");

@@ -17,4 +17,5 @@ mod lua;
 mod memory;
 mod notify;
 mod openwrt_uci;
+mod reload;
 mod vera_plugin;
