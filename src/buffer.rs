@@ -8,8 +8,10 @@
 //! (BLKS, PROTOCOL.md "CONN") and never changes, so a connection's memory
 //! is known the moment it starts.
 //!
-//! The storage is held only while bytes wait: a read takes it, and gives it
-//! back if it found nothing; `consume` gives it back when the last byte goes. An idle connection
+//! The storage is held only while bytes wait: a read takes it, and `trim`
+//! gives it back when nothing waits, at the end of the connection's turn
+//! (not at every emptying: a busy connection keeps it from one chunk to the
+//! next within its turn, without a trip to the spare list). An idle connection
 //! then costs no buffer at all, which on a router with hundreds of quiet
 //! device connections is most of the memory (musl's allocator spends about
 //! 4 KiB on a 2 KiB buffer). Storage given back waits in a small per-thread
@@ -180,37 +182,43 @@ impl Buffer {
         b
     }
 
+    #[inline(always)]
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     /// The bytes waiting to be written.
+    #[inline(always)]
     pub fn data(&self) -> &[u8] {
         self.buf.get(self.start..self.end).unwrap_or_default()
     }
 
+    #[inline(always)]
     pub fn len(&self) -> usize {
         self.end - self.start
     }
 
+    #[inline(always)]
     pub fn is_empty(&self) -> bool {
         self.start == self.end
     }
 
     /// No room for another byte: the storage taken is full (it may be less
     /// than the capacity while the memory budget is spent).
+    #[inline(always)]
     pub fn is_full(&self) -> bool {
         self.capacity == 0 || (self.holds_storage() && self.end - self.start == self.buf.len())
     }
 
     /// Whether storage is held.
+    #[inline(always)]
     fn holds_storage(&self) -> bool {
         !self.buf.is_empty()
     }
 
     /// One read into the free space: `read` gets at most `limit` bytes of it
-    /// and returns how many it filled. Whatever `read` returns, the storage
-    /// taken for it is given back if nothing waits afterwards. A full buffer
+    /// and returns how many it filled. The storage taken for it stays until
+    /// `trim`, whatever `read` returns. A full buffer
     /// (or a `limit` of 0) calls nothing and gives `Ok(0)`, so `read` may take
     /// its own `Ok(0)` for an end-of-stream.
     pub fn read_with(
@@ -223,9 +231,8 @@ impl Buffer {
             Some(space) if !space.is_empty() => read(space),
             _ => Ok(0),
         };
-        match got {
-            Ok(n) => self.fill(n),
-            Err(_) => self.idle(),
+        if let Ok(n) = got {
+            self.fill(n);
         }
         got
     }
@@ -254,19 +261,23 @@ impl Buffer {
     }
 
     /// Marks `n` bytes of `space()` as filled.
+    #[inline(always)]
     fn fill(&mut self, n: usize) {
         self.end = (self.end + n).min(self.buf.len());
-        self.idle();
     }
 
     /// Marks `n` bytes of `data()` as written.
+    #[inline(always)]
     pub fn consume(&mut self, n: usize) {
         self.start = (self.start + n).min(self.end);
-        self.idle();
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
     }
 
-    /// Gives the storage back if nothing waits.
-    fn idle(&mut self) {
+    /// Gives the storage back if nothing waits (at the end of a turn).
+    pub fn trim(&mut self) {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -305,6 +316,7 @@ impl Drop for Buffer {
 #[cfg(test)]
 mod tests {
     use super::{Buffer, SPARE, SPARE_BYTES};
+    use std::io;
 
     #[test]
     fn fill_consume_and_compact() {
@@ -331,18 +343,28 @@ mod tests {
         assert_eq!(b.capacity(), 16);
         assert_eq!(b.data(), b"");
         b.consume(5);
+        b.trim();
         assert!(!b.holds_storage());
-        // A read that found nothing: space taken, nothing filled, given back.
-        assert_eq!(b.space().len(), 16);
-        b.fill(0);
+        // A read that found nothing: space taken, nothing filled, given back
+        // at the end of the turn.
+        assert_eq!(b.read_with(usize::MAX, |_| Ok(0)).ok(), Some(0));
+        assert!(b.holds_storage(), "kept within the turn");
+        b.trim();
+        assert!(!b.holds_storage());
+        let err = b.read_with(usize::MAX, |_| Err(io::ErrorKind::WouldBlock.into()));
+        assert!(err.is_err());
+        b.trim();
         assert!(!b.holds_storage());
         assert_eq!(b.push(b"abc"), 3);
         assert!(b.holds_storage());
         b.consume(2);
-        assert!(b.holds_storage());
+        b.trim();
+        assert!(b.holds_storage(), "a byte waits");
         assert_eq!(b.data(), b"c");
         b.consume(1);
-        assert!(!b.holds_storage() && b.is_empty());
+        assert!(b.holds_storage() && b.is_empty());
+        b.trim();
+        assert!(!b.holds_storage());
         assert_eq!(b.push(&[7; 20]), 16, "the capacity stays fixed");
         assert!(b.is_full());
     }
@@ -375,6 +397,8 @@ mod tests {
         drop(whole);
         big.consume(10);
         second.consume(GUARANTEED);
+        big.trim();
+        second.trim();
         assert_eq!(budget_used(), base);
         assert!(!budget_spent());
         let n = second
@@ -391,6 +415,7 @@ mod tests {
         let mut a = Buffer::new(1000);
         a.push(b"x");
         a.consume(1);
+        a.trim();
         assert_eq!(spare(), (before.0 + 1, before.1 + 1000));
         let mut b = Buffer::new(1000);
         b.push(b"y");

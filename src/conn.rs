@@ -167,7 +167,9 @@ pub enum Act {
     /// Hand this notification to the notifier.
     Notify(Arc<Job>),
     /// The connection is now `Connecting`: resolve or connect to this.
-    Connect(ConnRequest),
+    /// (Boxed: the loop moves an `Act` around for every chunk of data, and a
+    /// request would make every one of them big.)
+    Connect(Box<ConnRequest>),
     /// Append the STAT table with `stat_table`, then ask again.
     Stat,
     /// `STOP`: the loop decides whether this client may (`stop`).
@@ -374,6 +376,7 @@ impl Conn {
     pub fn next(&mut self, ready: Ready, now: Instant) -> Act {
         loop {
             if self.acts >= TURN_BUDGET {
+                self.trim();
                 return self.announce(now).unwrap_or(Act::Yield);
             }
             let act = match &self.state {
@@ -383,24 +386,32 @@ impl Conn {
                 State::Draining(_) => self.next_draining(ready),
                 State::Closed(why) => Some(Act::Close(why.clone())),
             };
+            // Every pass counts: an act handed out, a line handled, a
+            // state left.
+            self.acts += 1;
             match act {
-                None => self.acts += 1, // a line handled or a state left: go on
-                Some(Act::Wait) => return self.announce(now).unwrap_or(Act::Wait),
-                Some(act) => {
-                    if matches!(
-                        act,
-                        Act::ReadClient
-                            | Act::WriteClient
-                            | Act::ReadRemote
-                            | Act::WriteRemote
-                            | Act::ShutClient
-                            | Act::ShutRemote
-                    ) {
-                        self.acts += 1;
-                    }
-                    return act;
+                None => {}
+                Some(Act::Wait) => {
+                    self.trim();
+                    return self.announce(now).unwrap_or(Act::Wait);
                 }
+                Some(act) => return act,
             }
+        }
+    }
+
+    /// The turn is over: buffers with nothing waiting give their storage
+    /// back (an idle connection holds none).
+    fn trim(&mut self) {
+        match &mut self.state {
+            State::Command { input } => input.trim(),
+            State::Connecting { early, .. } => early.trim(),
+            State::Echo(e) => {
+                e.to_remote.trim();
+                e.to_client.trim();
+            }
+            State::Draining(d) => d.tail.trim(),
+            State::Closed(_) => {}
         }
     }
 
@@ -474,7 +485,7 @@ impl Conn {
                     ));
                     return None;
                 }
-                return Some(Act::Connect(req));
+                return Some(Act::Connect(Box::new(req)));
             }
             Command::Ntfy(target) => {
                 self.settings.ntfy = target;
@@ -537,37 +548,41 @@ impl Conn {
             self.enter(State::Closed("both ends closed".into()));
             return None;
         }
-        let room = |b: &Buffer| room(b, udp);
-        for i in 0..6 {
-            let step = (self.cursor + i) % 6;
-            let act = match step {
-                0 if ready.client_read && e.up == Flow::Open && room(&e.to_remote) => {
-                    Act::ReadClient
-                }
-                1 if ready.remote_write && !e.to_remote.is_empty() => Act::WriteRemote,
-                2 if e.up == Flow::Ended && e.to_remote.is_empty() => {
-                    if udp {
-                        // No half-close in UDP: the client is done, so is this.
-                        self.enter(State::Closed("client closed".into()));
-                        return None;
-                    }
-                    Act::ShutRemote
-                }
-                3 if ready.remote_read && e.down == Flow::Open && room(&e.to_client) => {
-                    Act::ReadRemote
-                }
-                4 if ready.client_write && !(out_empty && e.to_client.is_empty()) => {
-                    Act::WriteClient
-                }
-                5 if e.down == Flow::Ended && e.to_client.is_empty() && out_empty => {
-                    Act::ShutClient
-                }
-                _ => continue,
-            };
-            self.cursor = (step + 1) % 6;
-            return Some(act);
+        // The six moves that can be made now, one bit each, in the order
+        // of a round: read the client, write the remote, pass the client's
+        // end on, read the remote, write the client, pass the remote's end on.
+        let to_remote_empty = e.to_remote.is_empty();
+        let to_client_empty = e.to_client.is_empty();
+        let can = u32::from(ready.client_read && e.up == Flow::Open && room(&e.to_remote, udp))
+            | u32::from(ready.remote_write && !to_remote_empty) << 1
+            | u32::from(e.up == Flow::Ended && to_remote_empty) << 2
+            | u32::from(ready.remote_read && e.down == Flow::Open && room(&e.to_client, udp)) << 3
+            | u32::from(ready.client_write && !(out_empty && to_client_empty)) << 4
+            | u32::from(e.down == Flow::Ended && to_client_empty && out_empty) << 5;
+        if can == 0 {
+            return Some(Act::Wait);
         }
-        Some(Act::Wait)
+        // The first one at or after the cursor, round robin.
+        let cursor = u32::from(self.cursor);
+        let ring = (can >> cursor | can << (6 - cursor)) & 0x3f;
+        let mut step = cursor + ring.trailing_zeros();
+        if step >= 6 {
+            step -= 6;
+        }
+        self.cursor = if step == 5 { 0 } else { step as u8 + 1 };
+        Some(match step {
+            0 => Act::ReadClient,
+            1 => Act::WriteRemote,
+            2 if udp => {
+                // No half-close in UDP: the client is done, so is this.
+                self.enter(State::Closed("client closed".into()));
+                return None;
+            }
+            2 => Act::ShutRemote,
+            3 => Act::ReadRemote,
+            4 => Act::WriteClient,
+            _ => Act::ShutClient,
+        })
     }
 
     fn next_draining(&mut self, ready: Ready) -> Option<Act> {
@@ -1101,6 +1116,7 @@ impl Conn {
 
 /// Room to read into: UDP reads one datagram into an empty buffer (a client
 /// read is one datagram, a datagram one client write); TCP any free space.
+#[inline(always)]
 fn room(b: &Buffer, udp: bool) -> bool {
     if udp { b.is_empty() } else { !b.is_full() }
 }

@@ -102,6 +102,7 @@ impl Session {
         }
     }
 
+    #[inline(always)]
     fn ready(&self) -> Ready {
         let (remote_read, remote_write) = match &self.remote {
             Remote::Tcp(r) => (r.readable, r.writable),

@@ -21,21 +21,17 @@ pub struct Side<S> {
     error: bool,
 }
 
-/// A call that would block: the flag goes down until the next edge.
-fn blocked<T>(flag: &mut bool, result: io::Result<T>) -> io::Result<T> {
-    if let Err(e) = &result
-        && e.kind() == io::ErrorKind::WouldBlock
-    {
-        *flag = false;
-    }
-    result
-}
-
-/// Runs a syscall again while it is interrupted by a signal.
-fn retry<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+/// Runs a syscall again while it is interrupted by a signal; one that would
+/// block takes the readiness `flag` down until the next edge.
+#[inline]
+fn call<T>(flag: &mut bool, mut syscall: impl FnMut() -> io::Result<T>) -> io::Result<T> {
     loop {
-        match call() {
+        match syscall() {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *flag = false;
+                return Err(e);
+            }
             result => return result,
         }
     }
@@ -102,18 +98,18 @@ impl<S: mio::event::Source> Side<S> {
 impl Side<TcpStream> {
     /// One read; `Ok(0)` is the end of the stream.
     pub fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let result = retry(|| self.sock.read(buf));
-        blocked(&mut self.readable, result)
+        let sock = &mut self.sock;
+        call(&mut self.readable, || sock.read(buf))
     }
 
     /// One write; a write of nothing into a socket that takes nothing is an
     /// error, never a silent `Ok(0)`.
     pub fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let result = retry(|| match self.sock.write(data) {
+        let sock = &mut self.sock;
+        call(&mut self.writable, || match sock.write(data) {
             Ok(0) if !data.is_empty() => Err(io::ErrorKind::WriteZero.into()),
             result => result,
-        });
-        blocked(&mut self.writable, result)
+        })
     }
 
     /// Passes end-of-stream on; a peer that is already gone is no error.
@@ -125,13 +121,13 @@ impl Side<TcpStream> {
 impl Side<UdpSocket> {
     /// One datagram and its source.
     pub fn recv_from(&mut self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        let result = retry(|| self.sock.recv_from(buf));
-        blocked(&mut self.readable, result)
+        let sock = &mut self.sock;
+        call(&mut self.readable, || sock.recv_from(buf))
     }
 
     /// One datagram to `peer`.
     pub fn send_to(&mut self, data: &[u8], peer: SocketAddr) -> io::Result<usize> {
-        let result = retry(|| self.sock.send_to(data, peer));
-        blocked(&mut self.writable, result)
+        let sock = &mut self.sock;
+        call(&mut self.writable, || sock.send_to(data, peer))
     }
 }

@@ -305,7 +305,7 @@ impl Loop {
                     assert!(matches!(self.conn.state, State::Connecting { .. }));
                     assert_eq!(self.conn.target.as_deref(), Some(req.target.as_str()));
                     assert_eq!(self.conn.poll_at(), Some(self.now + CONNECT_TIMEOUT));
-                    self.events.push(Ev::Connect(req));
+                    self.events.push(Ev::Connect(*req));
                     self.connecting_since = Some(self.now);
                     if self.f.connect_at_once {
                         self.connect();
