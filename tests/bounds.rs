@@ -265,6 +265,9 @@ fn probe_during_flood(d: &Daemon, chunk: Vec<u8>, secs: u64) -> Probes {
     let (mut greeting, mut reply) = (Vec::new(), Vec::new());
     let end = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < end {
+        // Probes 10 ms apart (pacing, not a wait for a result): a few hundred, so that
+        // one scheduling hiccup of a loaded machine is not drawn from thousands.
+        thread::sleep(Duration::from_millis(10));
         let t = Instant::now();
         let mut c = d.connect();
         let g = c.line_within(dur(20_000));
@@ -300,15 +303,21 @@ fn assert_prompt(what: &str, p: &Probes) {
         p.greeting.len(),
         p.flooded >> 20
     );
-    // Generous for a loaded shared machine; the loop that read a flooder for as long
-    // as it kept sending took seconds.
-    let limit = dur(500);
+    // Generous for a loaded shared machine (one BILD reply in 1,575 took 506 ms under
+    // `make test` at a load average of 30); the loop that read a flooder for as long as
+    // it kept sending took seconds (4.2 s for the one greeting in 3 s at 10703a5).
+    let limit = dur(1_000);
+    let slowest = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.into_iter().rev().take(5).collect::<Vec<_>>()
+    };
     assert!(
         g < limit && r < limit,
         "{what}: a fresh client waited {g:?} for its greeting and {r:?} for a BILD reply \
-         (greetings {:?}, replies {:?})",
-        p.greeting,
-        p.reply
+         (slowest greetings {:?}, replies {:?})",
+        slowest(&p.greeting),
+        slowest(&p.reply)
     );
     assert!(p.greeting.len() >= 3, "only {} probes", p.greeting.len());
 }
