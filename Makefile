@@ -195,7 +195,8 @@ vera-plugin: $(DIST)/sockproxyd-mipsel-unknown-linux-musl
 	@echo "upload every file in $(VERA_PLUGIN)/ at Apps > Develop apps > Luup files"
 
 # --- Soak (not in CI): benches/soak.rs runs mixed traffic against the release daemon ---
-# short connections, long transfers with hash checks, notifications, STATs, hang-ups;
+# short connections, long transfers with hash checks, notifications, STATs, hang-ups,
+# and hostile clients (blank-line and HELP floods, BLKS=1 MiB floods nobody reads, NTFY churn);
 # every minute it prints the idle daemon's RSS and descriptor count, and at the end
 # whether both stayed flat and every transfer matched (exit 1 otherwise). 30 minutes by
 # default: `make soak MINUTES=5`. The daemon's log is in target/soak/daemon.log.

@@ -9,7 +9,11 @@
 //! (`/proc/<pid>/status`). Phases: notification latency (quiet and under
 //! traffic), 64-byte echo round trip, bulk throughput both ways at BLKS 2048,
 //! 16384 and 65536 against direct/socat/haproxy, 100..10,000 concurrent
-//! connections, idle cost, a notification storm, a connect burst, a slow reader.
+//! connections, idle cost, a notification storm, a connect burst, a slow reader,
+//! and hostile load: peak RSS while clients with BLKS=1 MiB and their remotes flood
+//! and never read, RSS per busy connection for the glibc and the x86_64 musl build
+//! (`dist/`, from `make cross`; skipped when absent), and a fresh client's greeting
+//! latency during a blank-line flood next to the same without it.
 //!
 //! # Out of scope
 //! Pass/fail on times: targets are printed as met or MISSED and never change
@@ -67,6 +71,13 @@ struct Plan {
     burst: usize,
     slow_bytes: usize,
     slow_pause: Duration,
+    /// Clients of the hostile load (BLKS=1 MiB, nobody reads) and its length.
+    hostile_conns: usize,
+    hostile_secs: f64,
+    /// Busy connections per build.
+    busy_conns: usize,
+    /// Greetings timed with and without a flood.
+    greeting_samples: usize,
 }
 
 impl Plan {
@@ -83,6 +94,10 @@ impl Plan {
                 burst: 1000,
                 slow_bytes: 8 * MIB,
                 slow_pause: Duration::from_millis(300),
+                hostile_conns: 100,
+                hostile_secs: 5.0,
+                busy_conns: 1000,
+                greeting_samples: 50,
             }
         } else {
             Plan {
@@ -96,6 +111,10 @@ impl Plan {
                 burst: 1000,
                 slow_bytes: 32 * MIB,
                 slow_pause: Duration::from_secs(1),
+                hostile_conns: 200,
+                hostile_secs: 10.0,
+                busy_conns: 1000,
+                greeting_samples: 50,
             }
         }
     }
@@ -2432,6 +2451,561 @@ fn phase_burst_slow(cx: &Ctx) -> Res<(J, usize, Slow)> {
 }
 
 // ---------------------------------------------------------------------------
+// 8. Hostile load: memory under non-reading floods, busy connections per
+// build, greeting latency during a blank-line flood
+
+/// The x86_64 musl build (`make cross`): the router's allocator, run natively.
+const MUSL_BIN: &str = "dist/sockproxyd-x86_64-unknown-linux-musl";
+/// BLKS of the hostile clients: the largest a client may ask for.
+const HOSTILE_BLKS: usize = MIB;
+/// `max_mem=` given to the daemon under hostile load, when it knows the key.
+const HOSTILE_MAX_MEM_MIB: u64 = 16;
+/// `max_mem=` for the busy-connection rows: more than they need, so the rows show
+/// what a connection costs, not the budget.
+const BUSY_MAX_MEM_MIB: u64 = 64;
+/// Peak RSS under hostile load may exceed start-up RSS + max_mem by this much.
+const HOSTILE_MARGIN_KIB: u64 = 2048;
+/// Kernel buffers of the bench's own ends of flooded connections: small, so that the
+/// kernel does not hold gigabytes for peers that never read.
+const PEER_SOCKBUF: i32 = 64 * 1024;
+
+/// Whether `bin` knows `[host] max_mem=`: a file with a bad value is an error for a
+/// daemon that knows the key and an ignored unknown key (a warning) for one that does
+/// not; `--version` after `-c` makes it exit either way without listening.
+fn knows_max_mem(bin: &Path, dir: &Path) -> bool {
+    let probe = dir.join("max-mem-probe.ini");
+    if fs::write(&probe, "[host]\nmax_mem=not-a-size\n").is_err() {
+        return false;
+    }
+    match Command::new(bin)
+        .arg("-c")
+        .arg(&probe)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(o) => !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("max_mem"),
+        Err(_) => false,
+    }
+}
+
+/// A daemon from `bin` with DAEMON_CONFIG plus `max_mem=<mib>M` when it knows the key;
+/// the max_mem in force (`None`: the binary has no such key).
+fn daemon_with_max_mem(cx: &Ctx, bin: &Path, name: &str, mib: u64) -> Res<(Daemon, Option<u64>)> {
+    let known = knows_max_mem(bin, &cx.dir);
+    let cfg = cx.dir.join(format!("sockproxyd-bench-{name}.ini"));
+    let extra = if known {
+        format!("max_mem={mib}M\n")
+    } else {
+        String::new()
+    };
+    fs::write(&cfg, format!("{DAEMON_CONFIG}{extra}")).map_err(err("write a configuration"))?;
+    Ok((
+        Daemon::start(bin, &cfg, cx.luup.port)?,
+        known.then_some(mib),
+    ))
+}
+
+/// SO_SNDBUF and SO_RCVBUF of `s` to `bytes` (the kernel doubles them).
+fn small_bufs(s: &TcpStream, bytes: i32) {
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a socket we own, with a pointer to a local i32.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&bytes as *const i32).cast(),
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// `n` connections through `d` to a listener of ours, `CONN ... <opts>`, 100 at a
+/// time: every (client, remote) pair, both ends with small kernel buffers.
+fn open_pairs(d: &Daemon, n: usize, opts: &str) -> Res<Vec<(TcpStream, TcpStream)>> {
+    let l = TcpListener::bind((HOST, 0)).map_err(err("bind"))?;
+    let port = l.local_addr().map_err(err("addr"))?.port();
+    let mut pairs = Vec::with_capacity(n);
+    let mut i = 0;
+    while i < n {
+        let end = (i + 100).min(n);
+        let mut batch = Vec::new();
+        for k in i..end {
+            let s = d
+                .begin(port, opts)
+                .map_err(|e| format!("connection {k}: {e}"))?;
+            small_bufs(&s, PEER_SOCKBUF);
+            batch.push(s);
+        }
+        for (k, mut s) in batch.into_iter().enumerate() {
+            Daemon::finish(&mut s)
+                .map_err(|e| format!("connection {} of {n}: {e}{}", i + k, d.log_tail(8)))?;
+            let r = accept_timeout(&l, IO_TIMEOUT)?;
+            small_bufs(&r, PEER_SOCKBUF);
+            pairs.push((s, r));
+        }
+        i = end;
+    }
+    Ok(pairs)
+}
+
+/// Peers that send whenever they can and never read: one mio thread writing `chunk`
+/// to every socket it holds until stopped. Most of what they send waits in the
+/// daemon's kernel buffers (autotuned up to tcp_rmem/tcp_wmem: several MiB per
+/// direction on loopback) before its BLKS buffers fill: the run reports the
+/// machine's TCP memory, which the kernel bounds (tcp_mem).
+struct Pump {
+    written: Arc<AtomicU64>,
+    /// Sockets whose writes failed (the daemon closed them).
+    failed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<Vec<mio::net::TcpStream>>>,
+}
+
+impl Pump {
+    fn start(socks: Vec<TcpStream>, chunk: Vec<u8>) -> Res<Pump> {
+        let mut poll = Poll::new().map_err(err("poll"))?;
+        let mut ms = Vec::with_capacity(socks.len());
+        for (i, s) in socks.into_iter().enumerate() {
+            s.set_nonblocking(true).map_err(err("nonblocking"))?;
+            let mut m = mio::net::TcpStream::from_std(s);
+            poll.registry()
+                .register(&mut m, Token(i), Interest::WRITABLE)
+                .map_err(err("register"))?;
+            ms.push(m);
+        }
+        let written = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (w, f, st) = (written.clone(), failed.clone(), stop.clone());
+        let thread = thread::Builder::new()
+            .name("pump".into())
+            .spawn(move || {
+                let mut ready = vec![true; ms.len()];
+                let mut events = Events::with_capacity(1024);
+                while !st.load(Ordering::Relaxed) {
+                    for (s, r) in ms.iter_mut().zip(ready.iter_mut()) {
+                        // A bounded number of writes per socket and round.
+                        for _ in 0..16 {
+                            if !*r {
+                                break;
+                            }
+                            match s.write(&chunk) {
+                                Ok(k) => {
+                                    w.fetch_add(k as u64, Ordering::Relaxed);
+                                }
+                                Err(e) if e.kind() == ErrorKind::WouldBlock => *r = false,
+                                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                                Err(_) => {
+                                    f.fetch_add(1, Ordering::Relaxed);
+                                    *r = false;
+                                    let _ = poll.registry().deregister(s);
+                                }
+                            }
+                        }
+                    }
+                    let timeout = if ready.iter().any(|&r| r) {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(50)
+                    };
+                    if poll.poll(&mut events, Some(timeout)).is_err() {
+                        continue;
+                    }
+                    for ev in events.iter() {
+                        if let Some(r) = ready.get_mut(ev.token().0) {
+                            *r = true;
+                        }
+                    }
+                }
+                ms
+            })
+            .map_err(err("spawn"))?;
+        Ok(Pump {
+            written,
+            failed,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Waits until nothing more goes in for `quiet` (every peer blocked); false if
+    /// that did not happen within `timeout`.
+    fn settle(&self, quiet: Duration, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (mut last, mut since) = (self.written(), Instant::now());
+        while Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+            let now = self.written();
+            if now != last {
+                (last, since) = (now, Instant::now());
+            } else if since.elapsed() >= quiet {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Stops writing; the sockets are closed.
+    fn stop(mut self) -> (u64, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            drop(t.join());
+        }
+        (self.written(), self.failed.load(Ordering::Relaxed))
+    }
+}
+
+/// The machine's TCP buffer memory (`TCP: ... mem <pages>` of /proc/net/sockstat).
+fn tcp_mem_kib() -> Option<u64> {
+    let s = fs::read_to_string("/proc/net/sockstat").ok()?;
+    let line = s.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut f = line.split_whitespace();
+    f.find(|w| *w == "mem")?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let page = u64::try_from(page).ok().filter(|&p| p > 0).unwrap_or(4096);
+    Some(f.next()?.parse::<u64>().ok()? * page / 1024)
+}
+
+/// A fresh client's CONN to the echo device and a 16 KiB echo: milliseconds, or
+/// what went wrong.
+fn fresh_echo(d: &Daemon, echo: u16, seed: usize) -> Res<f64> {
+    let t = Instant::now();
+    let mut s = d.conn(echo, "")?;
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(err("timeout"))?;
+    let msg: Vec<u8> = (0..16 * 1024).map(|i| (i * 7 + seed) as u8).collect();
+    s.write_all(&msg).map_err(err("echo send"))?;
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).map_err(err("echo read"))?;
+    if back != msg {
+        return Err("the echo came back different".into());
+    }
+    Ok(us(t.elapsed()) / 1000.0)
+}
+
+/// Peak RSS while N clients (BLKS=1 MiB) and their remotes all send and never read.
+fn hostile_load(cx: &Ctx) -> Res<J> {
+    let n = cx.plan.hostile_conns;
+    let secs = cx.plan.hostile_secs;
+    let (d, max_mem) = daemon_with_max_mem(cx, &cx.bin, "hostile", HOSTILE_MAX_MEM_MIB)?;
+    let start = d.start_rss_kib;
+    let pairs = open_pairs(&d, n, &format!("BLKS={HOSTILE_BLKS}"))?;
+    let socks: Vec<TcpStream> = pairs.into_iter().flat_map(|(c, r)| [c, r]).collect();
+    let pump = Pump::start(socks, vec![0x5a; 64 * 1024])?;
+    let t0 = Instant::now();
+    let mut peak = start;
+    let mut echoes = Vec::new();
+    let mut echo_errors = Vec::new();
+    while t0.elapsed() < Duration::from_secs_f64(secs) {
+        thread::sleep(Duration::from_millis(100));
+        peak = peak.max(d.rss());
+        // A fresh client's CONN and echo, a few times during the load.
+        let due = echoes.len() + echo_errors.len();
+        if due < 3 && t0.elapsed().as_secs_f64() >= (due as f64 + 1.0) * secs / 4.0 {
+            match fresh_echo(&d, cx.echo.port, due) {
+                Ok(ms) => echoes.push(ms),
+                Err(e) => echo_errors.push(e),
+            }
+        }
+    }
+    let hwm = proc_status(d.pid, "VmHWM").unwrap_or(0).max(peak);
+    let tcp_mem = tcp_mem_kib();
+    let (written, failed) = pump.stop();
+    let code = d.stop()?;
+    let budget = max_mem.map(|m| start + m * 1024 + HOSTILE_MARGIN_KIB);
+    let worst_echo = echoes.iter().copied().fold(f64::NAN, f64::max);
+    let mut rows = vec![
+        vec!["clients (BLKS=1048576)".into(), n.to_string()],
+        vec!["seconds of load".into(), f1(secs)],
+        vec![
+            "max_mem".into(),
+            max_mem.map_or_else(|| "not known to this binary".into(), |m| format!("{m} MiB")),
+        ],
+        vec!["RSS at start, KiB".into(), start.to_string()],
+        vec!["peak RSS (VmHWM), KiB".into(), hwm.to_string()],
+        vec![
+            "peak RSS - start, KiB".into(),
+            hwm.saturating_sub(start).to_string(),
+        ],
+        vec![
+            "bytes the peers got in, MiB".into(),
+            f1(written as f64 / MIB as f64),
+        ],
+        vec!["peers cut off by the daemon".into(), failed.to_string()],
+        vec![
+            "the machine's TCP memory at the end, MiB".into(),
+            tcp_mem.map_or_else(|| "-".into(), |k| f1(k as f64 / 1024.0)),
+        ],
+        vec![
+            "fresh client CONN + 16 KiB echo, worst ms".into(),
+            format!("{} ({} of 3 ok)", f1(worst_echo), echoes.len()),
+        ],
+    ];
+    if let Some(b) = budget {
+        rows.push(vec![
+            format!("budget: start + max_mem + {HOSTILE_MARGIN_KIB} KiB"),
+            b.to_string(),
+        ]);
+    }
+    table(&["hostile load", "value"], &rows);
+    if !echo_errors.is_empty() {
+        return Err(format!(
+            "a fresh client failed under hostile load: {}",
+            echo_errors.join("; ")
+        ));
+    }
+    Ok(J::obj()
+        .with("clients", n)
+        .with("blks", HOSTILE_BLKS)
+        .with("seconds", secs)
+        .with("max_mem_mib", max_mem)
+        .with("rss_start_kib", start)
+        .with("rss_peak_kib", hwm)
+        .with("rss_budget_kib", budget)
+        .with("peer_bytes_in", written)
+        .with("peers_cut_off", failed)
+        .with("tcp_mem_kib", tcp_mem)
+        .with("fresh_echo_worst_ms", round(worst_echo, 2))
+        .with("fresh_echo_ok", echoes.len())
+        .with("exit_status", code as i64))
+}
+
+/// RSS per connection with `n` connections whose buffers both hold bytes: client and
+/// remote send until the daemon stops reading them (neither reads).
+fn busy_conns(cx: &Ctx, label: &str, bin: &Path, n: usize) -> Res<(J, Vec<String>)> {
+    let (d, max_mem) = daemon_with_max_mem(cx, bin, "busy", BUSY_MAX_MEM_MIB)?;
+    let start = d.start_rss_kib;
+    let pairs = open_pairs(&d, n, "")?;
+    let socks: Vec<TcpStream> = pairs.into_iter().flat_map(|(c, r)| [c, r]).collect();
+    let pump = Pump::start(socks, vec![0xa5; 4096])?;
+    let settled = pump.settle(Duration::from_millis(500), Duration::from_secs(30));
+    thread::sleep(Duration::from_millis(200));
+    let rss = d.rss();
+    let written = pump.written();
+    let (_, failed) = pump.stop();
+    let code = d.stop()?;
+    if !settled {
+        return Err(format!(
+            "{label}: the peers of {n} connections never stopped sending"
+        ));
+    }
+    let per = (rss as f64 - start as f64) / n as f64;
+    let budget = (2.0 * BLKS_DEFAULT as f64 + 1024.0) / 1024.0;
+    let row = vec![
+        label.to_string(),
+        n.to_string(),
+        start.to_string(),
+        rss.to_string(),
+        f2(per),
+        f2(budget),
+        f1(written as f64 / MIB as f64),
+        failed.to_string(),
+    ];
+    let j = J::obj()
+        .with("build", label)
+        .with("binary", bin.display().to_string())
+        .with("connections", n)
+        .with("max_mem_mib", max_mem)
+        .with("rss_start_kib", start)
+        .with("rss_loaded_kib", rss)
+        .with("rss_per_conn_kib", round(per, 2))
+        .with("budget_per_conn_kib", round(budget, 2))
+        .with("peer_bytes_in", written)
+        .with("peers_cut_off", failed)
+        .with("exit_status", code as i64);
+    Ok((j, row))
+}
+
+/// Milliseconds from connect to the greeting, `n` fresh clients one after another.
+fn greetings(d: &Daemon, n: usize) -> Res<Vec<f64>> {
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        // Spread over a second: each lands somewhere in the flooder's turns.
+        thread::sleep(Duration::from_millis(20));
+        let t = Instant::now();
+        let mut s = TcpStream::connect((HOST, d.port)).map_err(err("connect"))?;
+        s.set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(err("timeout"))?;
+        let g = read_line(&mut s)?;
+        if !g.starts_with("OK TOGGLEDBITS-SOCKPROXY 1 ") {
+            return Err(format!("greeting {g:?}"));
+        }
+        v.push(us(t.elapsed()) / 1000.0);
+    }
+    Ok(v)
+}
+
+/// Greeting latency without and with one client flooding blank lines.
+fn greeting_under_flood(cx: &Ctx) -> Res<J> {
+    let n = cx.plan.greeting_samples;
+    let d = cx.daemon()?;
+    let quiet = greetings(&d, n)?;
+    let mut flooder = TcpStream::connect((HOST, d.port)).map_err(err("connect"))?;
+    flooder
+        .set_read_timeout(Some(IO_TIMEOUT))
+        .map_err(err("timeout"))?;
+    read_line(&mut flooder)?;
+    let mut w = flooder.try_clone().map_err(err("clone"))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooded = Arc::new(AtomicU64::new(0));
+    let (st, fl) = (stop.clone(), flooded.clone());
+    let writer = thread::spawn(move || {
+        let chunk = vec![b'\n'; MIB];
+        while !st.load(Ordering::Relaxed) {
+            if w.write_all(&chunk).is_err() {
+                return !st.load(Ordering::Relaxed);
+            }
+            fl.fetch_add(MIB as u64, Ordering::Relaxed);
+        }
+        false
+    });
+    wait_until(Duration::from_secs(10), "the flood to start", || {
+        flooded.load(Ordering::Relaxed) > 0
+    })?;
+    let t0 = Instant::now();
+    let during = greetings(&d, n);
+    let secs = t0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let _ = flooder.shutdown(Shutdown::Both);
+    let cut_off = writer.join().unwrap_or(true);
+    let during = during?;
+    let code = d.stop()?;
+    let mib = flooded.load(Ordering::Relaxed) as f64 / MIB as f64;
+    let (q, f) = (Dist::of(quiet), Dist::of(during));
+    let row = |what: &str, x: &Dist| {
+        vec![
+            what.to_string(),
+            x.n.to_string(),
+            format!("{:.2}", x.p50),
+            format!("{:.2}", x.p99),
+            format!("{:.2}", x.max),
+        ]
+    };
+    table(
+        &[
+            "fresh client's greeting",
+            "samples",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+        ],
+        &[row("quiet", &q), row("during a blank-line flood", &f)],
+    );
+    println!(
+        "\n(the flooder wrote {mib:.0} MiB of newlines in 1 MiB writes over the {secs:.2} s of \
+         the flooded samples{})",
+        if cut_off {
+            "; its writes failed before the end"
+        } else {
+            ""
+        }
+    );
+    let ms = |x: &Dist| {
+        J::obj()
+            .with("samples", x.n)
+            .with("p50_ms", round(x.p50, 3))
+            .with("p99_ms", round(x.p99, 3))
+            .with("max_ms", round(x.max, 3))
+    };
+    Ok(J::obj()
+        .with("quiet", ms(&q))
+        .with("blank_line_flood", ms(&f))
+        .with("flood_mib", round(mib, 1))
+        .with("flood_seconds", round(secs, 3))
+        .with("flooder_cut_off", cut_off)
+        .with("exit_status", code as i64))
+}
+
+/// Every part runs even when one fails: the report, and what broke.
+fn phase_hostile(cx: &Ctx) -> (J, Vec<String>) {
+    println!("\n## 8. Hostile load\n");
+    let n = cx.plan.hostile_conns;
+    println!(
+        "Memory: {n} clients CONN BLKS={HOSTILE_BLKS} through a fresh daemon (`max_mem=\
+         {HOSTILE_MAX_MEM_MIB}M` added to its configuration when it knows the key) to remotes \
+         of ours; clients and remotes send 64 KiB writes whenever they can and never read, for {} s; peak RSS = VmHWM. Meanwhile a fresh client CONNs to the echo device and echoes \
+         16 KiB, 3 times.\n",
+        cx.plan.hostile_secs
+    );
+    let mut j = J::obj();
+    let mut broken = Vec::new();
+    match hostile_load(cx) {
+        Ok(x) => j.set("load", x),
+        Err(e) => broken.push(format!("hostile load: {e}")),
+    }
+    let busy = cx.plan.busy_conns;
+    println!(
+        "\nBusy connections: {busy} connections at the default BLKS={BLKS_DEFAULT} (fresh daemon, \
+         `max_mem={BUSY_MAX_MEM_MIB}M` when known); client and remote send until the daemon stops reading them, neither reads, so both buffers of every connection hold bytes; \
+         RSS read once nothing has moved for 0.5 s. KiB/conn = (RSS - start-up RSS) / N, \
+         against the budget 2 x BLKS + 1 KiB.\n"
+    );
+    let mut rows = Vec::new();
+    let mut runs = Vec::new();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let musl = root.join(MUSL_BIN);
+    let builds: [(&str, PathBuf, &str); 2] = [
+        ("glibc", cx.bin.clone(), ""),
+        (
+            "x86_64 musl",
+            musl.clone(),
+            "absent: build it with `make cross` or `sh cross/build.sh x86_64-unknown-linux-musl`",
+        ),
+    ];
+    for (label, bin, absent) in builds {
+        if !bin.is_file() {
+            println!("({label} row skipped: {} {absent})", bin.display());
+            runs.push(
+                J::obj()
+                    .with("build", label)
+                    .with("binary", bin.display().to_string())
+                    .with("skipped", format!("{} {absent}", bin.display())),
+            );
+            continue;
+        }
+        match busy_conns(cx, label, &bin, busy) {
+            Ok((x, row)) => {
+                runs.push(x);
+                rows.push(row);
+            }
+            Err(e) => broken.push(format!("busy connections, {label}: {e}")),
+        }
+    }
+    table(
+        &[
+            "build",
+            "conns",
+            "start RSS KiB",
+            "loaded RSS KiB",
+            "KiB/conn",
+            "budget KiB/conn",
+            "peers got in MiB",
+            "cut off",
+        ],
+        &rows,
+    );
+    j.set("busy", J::Arr(runs));
+    println!(
+        "\nGreeting latency: {} fresh clients, one every 20 ms, read their greeting; then the \
+         same while another client writes newlines in 1 MiB writes as fast as it can.\n",
+        cx.plan.greeting_samples
+    );
+    match greeting_under_flood(cx) {
+        Ok(x) => j.set("greeting", x),
+        Err(e) => broken.push(format!("greeting under a flood: {e}")),
+    }
+    (j, broken)
+}
+
+// ---------------------------------------------------------------------------
 // Targets
 
 struct Target {
@@ -2546,6 +3120,59 @@ fn targets(report: &J) -> Vec<Target> {
             Some(g == n),
         );
     }
+    if let Some(load) = find(report, &["hostile", "load"]) {
+        let peak = num(load, &["rss_peak_kib"]).unwrap_or(f64::NAN);
+        let n = num(load, &["clients"]).unwrap_or(0.0);
+        match num(load, &["rss_budget_kib"]) {
+            Some(b) => add(
+                format!(
+                    "peak RSS, {n} hostile clients <= start-up + max_mem + {HOSTILE_MARGIN_KIB} KiB"
+                ),
+                format!("{peak:.0} vs {b:.0} KiB"),
+                Some(peak <= b),
+            ),
+            None => add(
+                format!("peak RSS, {n} hostile clients <= start-up + max_mem + margin"),
+                format!("{peak:.0} KiB (no max_mem in this binary)"),
+                None,
+            ),
+        }
+    }
+    if let Some(J::Arr(runs)) = find(report, &["hostile", "busy"]) {
+        for r in runs {
+            let build = match find(r, &["build"]) {
+                Some(J::Str(s)) => s.clone(),
+                _ => String::new(),
+            };
+            let n = num(r, &["connections"]).unwrap_or(0.0);
+            let label = format!("RSS per busy connection <= 2 x BLKS + 1 KiB, {build}");
+            match (num(r, &["rss_per_conn_kib"]), find(r, &["skipped"])) {
+                (Some(per), _) => {
+                    let b = num(r, &["budget_per_conn_kib"]).unwrap_or(f64::NAN);
+                    add(
+                        format!("{label} ({n} conns)"),
+                        format!("{per:.2} vs {b:.2} KiB"),
+                        Some(per <= b),
+                    );
+                }
+                (None, Some(_)) => add(label, "skipped (no binary)".into(), None),
+                (None, None) => {}
+            }
+        }
+    }
+    if let (Some(q), Some(f)) = (
+        num(report, &["hostile", "greeting", "quiet", "p99_ms"]),
+        num(
+            report,
+            &["hostile", "greeting", "blank_line_flood", "p99_ms"],
+        ),
+    ) {
+        add(
+            "greeting p99 during a blank-line flood <= quiet p99 + 5 ms".into(),
+            format!("{f:.2} vs {q:.2} ms"),
+            Some(f <= q + 5.0),
+        );
+    }
     if let Some(w) = num(report, &["idle", "wakeups_per_s"]) {
         add(
             "0 wake-ups per second when idle".into(),
@@ -2617,7 +3244,7 @@ fn proc_status_meminfo() -> u64 {
         .unwrap_or(0)
 }
 
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 8] = [
     "latency",
     "rtt",
     "throughput",
@@ -2625,6 +3252,7 @@ const PHASES: [&str; 7] = [
     "idle",
     "storm",
     "burst",
+    "hostile",
 ];
 
 fn usage() -> ! {
@@ -2703,7 +3331,13 @@ fn run(quick: bool, json: &Path, bin: &Path, only: &[String]) -> Res<bool> {
     let plan = Plan::new(quick);
     // 10,000 clients + 10,000 echo ends here, 20,000 + a few in the daemon,
     // which inherits the limit.
-    let max_conns = plan.scale.iter().copied().max().unwrap_or(0) as u64;
+    let max_conns = plan
+        .scale
+        .iter()
+        .copied()
+        .chain([plan.busy_conns])
+        .max()
+        .unwrap_or(0) as u64;
     let nofile = raise_nofile(2 * max_conns + 1024);
     if !bin.is_file() {
         return Err(format!(
@@ -2875,6 +3509,13 @@ fn run(quick: bool, json: &Path, bin: &Path, only: &[String]) -> Res<bool> {
         match phase_burst_slow(&cx) {
             Ok((j, _, _)) => report.set("burst_slow", j),
             Err(e) => fail("burst_slow", e, &mut report),
+        }
+    }
+    if want("hostile") {
+        let (j, broken) = phase_hostile(&cx);
+        report.set("hostile", j);
+        if !broken.is_empty() {
+            fail("hostile", broken.join("; "), &mut report);
         }
     }
     let bad_requests = cx.luup.bad.load(Ordering::Relaxed);

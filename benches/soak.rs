@@ -8,7 +8,11 @@
 //! side by side for `--minutes N` (default 30): short connections (QUIT, CAPA, hang-ups
 //! without QUIT), long transfers both ways with byte-exact checks and FNV-1a hashes,
 //! echo connections with notifications and PACE, STATs, and hang-ups (mid-transfer
-//! resets, CONN to a closed port, a client gone while its CONN connects).
+//! resets, CONN to a closed port, a client gone while its CONN connects). Hostile
+//! clients run among them (issue 12): a client flooding blank lines, one flooding
+//! HELPs faster than it reads the replies, a client with BLKS=1 MiB whose remote floods
+//! it while neither reads, and churn of short NTFY connections closed at once (their
+//! final notifications are not checked: the daemon may merge or drop those).
 //!
 //! Every `--interval` seconds (default 60) the workers pause, the daemon is let go
 //! idle (STAT shows only the asker, and no notification for a second), and its RSS
@@ -198,6 +202,8 @@ fn receive_pattern(s: &mut TcpStream, seed: u64) -> Received {
 
 #[derive(Default)]
 struct Stats {
+    /// Hostile operations done (floods, huge BLKS, NTFY churn).
+    hostile: AtomicU64,
     short: AtomicU64,
     transfers: AtomicU64,
     transfer_bytes: AtomicU64,
@@ -326,6 +332,24 @@ fn echo_device() -> Res<SocketAddr> {
                     }
                 }
                 let _ = w.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A device that sends on every connection as fast as it can and never reads; a
+/// connection ends when a write fails (the daemon closed it).
+fn flood_device() -> Res<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(err("flood device bind"))?;
+    let addr = l.local_addr().map_err(err("flood device addr"))?;
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let _ = s.set_write_timeout(Some(IO_TIMEOUT));
+                let chunk = vec![0x5a; 64 * 1024];
+                while s.write_all(&chunk).is_ok() {}
             });
         }
     });
@@ -571,6 +595,8 @@ struct World {
     daemon: SocketAddr,
     echo: SocketAddr,
     device: SocketAddr,
+    /// The flood device (`flood_device`).
+    flood: SocketAddr,
     /// A port nothing listens on.
     closed: SocketAddr,
     stats: Arc<Stats>,
@@ -736,6 +762,112 @@ fn hangup(w: &World, rng: &mut Rng) -> Res<()> {
     Ok(())
 }
 
+/// Writes `chunk` to `s` over and over for `secs`, never reading; writes that block
+/// (the daemon stopped reading) are retried until the time is up. Bytes written.
+fn flood_for(s: &mut TcpStream, chunk: &[u8], secs: f64) -> Res<u64> {
+    s.set_write_timeout(Some(Duration::from_millis(100)))
+        .map_err(err("write timeout"))?;
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        match s.write(chunk) {
+            Ok(n) => sent += n as u64,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("flood write after {sent} bytes: {e}")),
+        }
+    }
+    s.set_write_timeout(Some(IO_TIMEOUT))
+        .map_err(err("write timeout"))?;
+    Ok(sent)
+}
+
+/// Blank lines as fast as it can for 2 s (no reply is due), then QUIT: the daemon
+/// must have read every one to answer it.
+fn blank_flood(w: &World) -> Res<()> {
+    let (mut s, mut r) = open(w.daemon)?;
+    let sent = flood_for(&mut s, &[b'\n'; 64 * 1024], 2.0)?;
+    // A write cut short by its timeout may have left a part of a chunk: all newlines.
+    s.write_all(b"QUIT\n")
+        .map_err(err("QUIT after the flood"))?;
+    expect(&mut r, "OK QUIT").map_err(|e| format!("blank-line flood of {sent} bytes: {e}"))?;
+    w.stats.hostile.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// 2,000 HELPs in one write (1.4 MB of replies, far over the daemon's reply
+/// high-water mark), read back more slowly than they come, then the end of input:
+/// every HELP is answered, then EOF.
+fn help_flood(w: &World) -> Res<()> {
+    const HELPS: u64 = 2000;
+    let (mut s, r) = open(w.daemon)?;
+    let reader = thread::spawn(move || -> Res<u64> {
+        let mut r = r;
+        let mut n = 0u64;
+        loop {
+            // A slow reader: the daemon's reply queue reaches its high-water mark.
+            thread::sleep(Duration::from_millis(1));
+            let mut l = String::new();
+            for _ in 0..100 {
+                l.clear();
+                match r.read_line(&mut l) {
+                    Ok(0) => return Ok(n),
+                    Ok(_) if l == "OK HELP\n" => n += 1,
+                    Ok(_) if l.starts_with("ERR") => return Err(format!("HELP flood: {l:?}")),
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("HELP flood: reading replies: {e}")),
+                }
+            }
+        }
+    });
+    s.write_all(&b"HELP\n".repeat(HELPS as usize))
+        .map_err(err("HELP flood"))?;
+    s.shutdown(Shutdown::Write).map_err(err("shutdown"))?;
+    let helps = HELPS;
+    let answered = reader
+        .join()
+        .map_err(|_| "HELP flood: reader panicked".to_string())??;
+    if answered != helps {
+        return Err(format!(
+            "HELP flood: {helps} HELPs sent, {answered} answered"
+        ));
+    }
+    w.stats.hostile.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// CONN BLKS=1048576 to the flood device; the client floods too and neither reads,
+/// for 2 s; then the client resets the connection.
+fn huge_blks(w: &World) -> Res<()> {
+    let (mut s, mut r) = open(w.daemon)?;
+    s.write_all(format!("CONN {} BLKS=1048576\n", w.flood).as_bytes())
+        .map_err(err("CONN"))?;
+    let reply = line(&mut r)?;
+    if !reply.starts_with("OK CONN ") {
+        return Err(format!("huge BLKS CONN answered {reply:?}"));
+    }
+    flood_for(&mut s, &[0xa5; 64 * 1024], 2.0)?;
+    abort(&s).map_err(err("abort"))?;
+    w.stats.hostile.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Ten short NTFY connections closed at once: final notifications by the dozen.
+fn ntfy_churn(w: &World) -> Res<()> {
+    for _ in 0..10 {
+        let id = w.next_id.fetch_add(1, Ordering::SeqCst);
+        let (mut s, mut r) = open(w.daemon)?;
+        s.write_all(format!("CONN {} NTFY=9/{SID}/HandleReceive/c{id}\n", w.echo).as_bytes())
+            .map_err(err("CONN"))?;
+        let reply = line(&mut r)?;
+        if !reply.starts_with("OK CONN ") {
+            return Err(format!("churn CONN answered {reply:?}"));
+        }
+    }
+    w.stats.hostile.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
 #[derive(Clone, Copy)]
 enum Kind {
     Transfer,
@@ -743,6 +875,10 @@ enum Kind {
     Echo,
     Stat,
     Hangup,
+    BlankFlood,
+    HelpFlood,
+    HugeBlks,
+    NtfyChurn,
 }
 
 fn worker(w: Arc<World>, gate: Arc<Gate>, kind: Kind, seed: u64) {
@@ -759,6 +895,10 @@ fn worker(w: Arc<World>, gate: Arc<Gate>, kind: Kind, seed: u64) {
                 w.stats.stats.fetch_add(1, Ordering::SeqCst);
             }),
             Kind::Hangup => hangup(&w, &mut rng),
+            Kind::BlankFlood => blank_flood(&w),
+            Kind::HelpFlood => help_flood(&w),
+            Kind::HugeBlks => huge_blks(&w),
+            Kind::NtfyChurn => ntfy_churn(&w),
         };
         if let Err(e) = res {
             w.stats.fail(e);
@@ -771,6 +911,8 @@ fn worker(w: Arc<World>, gate: Arc<Gate>, kind: Kind, seed: u64) {
             Kind::Echo => 20,
             Kind::Stat => 1000,
             Kind::Hangup => 100,
+            Kind::BlankFlood | Kind::HelpFlood | Kind::HugeBlks => 1000,
+            Kind::NtfyChurn => 50,
         };
         thread::sleep(Duration::from_millis(pause));
     }
@@ -844,6 +986,7 @@ fn run(bin: &PathBuf, minutes: f64, interval: f64) -> Res<bool> {
     let (luup, luup_addr) = Luup::start()?;
     let echo = echo_device()?;
     let device = transfer_device(Arc::clone(&stats), Arc::clone(&device_busy))?;
+    let flood = flood_device()?;
     let closed = {
         let l = TcpListener::bind("127.0.0.1:0").map_err(err("bind"))?;
         l.local_addr().map_err(err("addr"))?
@@ -860,6 +1003,7 @@ fn run(bin: &PathBuf, minutes: f64, interval: f64) -> Res<bool> {
         daemon: d.addr,
         echo,
         device,
+        flood,
         closed,
         stats: Arc::clone(&stats),
         next_id: AtomicU64::new(1),
@@ -875,6 +1019,10 @@ fn run(bin: &PathBuf, minutes: f64, interval: f64) -> Res<bool> {
         Kind::Echo,
         Kind::Stat,
         Kind::Hangup,
+        Kind::BlankFlood,
+        Kind::HelpFlood,
+        Kind::HugeBlks,
+        Kind::NtfyChurn,
     ];
     let workers: Vec<_> = kinds
         .iter()
@@ -902,7 +1050,7 @@ fn run(bin: &PathBuf, minutes: f64, interval: f64) -> Res<bool> {
     }
 
     println!(
-        "\n{:>6} {:>10} {:>10} {:>6} {:>6} {:>8} {:>7} {:>9} {:>7} {:>6} {:>6} {:>7} {:>8} {:>5}",
+        "\n{:>6} {:>10} {:>10} {:>6} {:>6} {:>8} {:>7} {:>9} {:>7} {:>6} {:>6} {:>7} {:>8} {:>7} {:>5}",
         "minute",
         "RSS idle",
         "RSS peak",
@@ -916,6 +1064,7 @@ fn run(bin: &PathBuf, minutes: f64, interval: f64) -> Res<bool> {
         "STAT",
         "hangup",
         "notified",
+        "hostile",
         "fail"
     );
     let start = Instant::now();
@@ -1038,7 +1187,7 @@ fn check_notifications(stats: &Stats, luup: &Luup) {
 
 fn print_row(s: &Sample, st: &Stats, luup: &Luup) {
     println!(
-        "{:>6.1} {:>6} KiB {:>6} KiB {:>6} {:>6} {:>8.1} {:>7} {:>9} {:>7} {:>6} {:>6} {:>7} {:>8} {:>5}",
+        "{:>6.1} {:>6} KiB {:>6} KiB {:>6} {:>6} {:>8.1} {:>7} {:>9} {:>7} {:>6} {:>6} {:>7} {:>8} {:>7} {:>5}",
         s.minute,
         s.rss_idle,
         s.rss_max,
@@ -1052,6 +1201,7 @@ fn print_row(s: &Sample, st: &Stats, luup: &Luup) {
         st.stats.load(Ordering::SeqCst),
         st.hangups.load(Ordering::SeqCst) + st.abandoned.load(Ordering::SeqCst),
         luup.total.load(Ordering::SeqCst),
+        st.hostile.load(Ordering::SeqCst),
         st.failure_count()
     );
 }
@@ -1095,6 +1245,10 @@ fn verdict(samples: &[Sample], stats: &Stats, d: &Daemon, alive: bool, code: Opt
         stats.transfers.load(Ordering::SeqCst),
         stats.transfer_bytes.load(Ordering::SeqCst) / MIB,
         stats.abandoned.load(Ordering::SeqCst),
+    );
+    println!(
+        "- hostile operations (blank-line and HELP floods, BLKS=1 MiB floods, NTFY churn): {}",
+        stats.hostile.load(Ordering::SeqCst)
     );
     let missed = stats.missed_notifications.load(Ordering::SeqCst);
     println!("- notified connections without any notification: {missed}");
