@@ -384,7 +384,13 @@ impl Conn {
                 State::Connecting { .. } => self.next_connecting(ready),
                 State::Echo(_) => self.next_echo(ready),
                 State::Draining(_) => self.next_draining(ready),
-                State::Closed(why) => Some(Act::Close(why.clone())),
+                // What reached the client this turn is announced before the
+                // close (a transfer may end in the turn that wrote its last
+                // bytes).
+                State::Closed(_) => Some(self.announce(now).unwrap_or_else(|| match &self.state {
+                    State::Closed(why) => Act::Close(why.clone()),
+                    _ => Act::Wait,
+                })),
             };
             // Every pass counts: an act handed out, a line handled, a
             // state left.
@@ -1079,7 +1085,8 @@ impl Conn {
     /// that has not closed its own socket.
     pub fn final_notify(&self) -> Option<Arc<Job>> {
         let n = self.notify.as_ref()?;
-        if n.end_told || self.client_ended {
+        // One held by PACE is news the plugin has not had yet.
+        if !n.held && (n.end_told || self.client_ended) {
             return None;
         }
         n.job.claim().then(|| Arc::clone(&n.job))
@@ -1682,6 +1689,34 @@ mod tests {
         assert_eq!(closed(&sim.settle()), Some("both ends closed"));
         assert_eq!(sim.notified, 0, "no news for a client that has gone");
         assert!(sim.c.final_notify().is_none());
+    }
+
+    #[test]
+    fn a_connection_that_ends_in_the_turn_of_its_last_bytes_still_notifies() {
+        // Found by the soak: data, the remote's end and the client's end all in one
+        // turn went straight to the close, and the plugin heard nothing at all.
+        let now = Instant::now();
+        let mut sim = Sim::echo("NTFY=3", now);
+        sim.remote_sends = b"all of it".to_vec();
+        sim.remote_ends = true;
+        sim.client_ends = true;
+        assert_eq!(closed(&sim.settle()), Some("both ends closed"));
+        assert_eq!(sim.client_got, b"all of it");
+        assert_eq!(sim.notified, 1, "the data (and the end) announced");
+        // With PACE holding it, the final notification carries it.
+        let mut sim = Sim::echo("NTFY=3 PACE=5", now);
+        sim.remote_sends = b"first".to_vec();
+        sim.settle();
+        assert_eq!(sim.notified, 1);
+        sim.remote_sends = b"last".to_vec();
+        sim.remote_ends = true;
+        sim.client_ends = true;
+        assert_eq!(closed(&sim.settle()), Some("both ends closed"));
+        assert_eq!(sim.notified, 1, "held by PACE");
+        assert!(
+            sim.c.notify.as_ref().is_some_and(|n| n.held),
+            "news still held at the close"
+        );
     }
 
     #[test]
