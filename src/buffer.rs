@@ -31,6 +31,8 @@ use std::io;
 
 use log::{info, warn};
 
+use crate::pool::{CHUNK, Chunk};
+
 /// What a buffer always gets, budget or not: the default BLKS.
 pub const GUARANTEED: usize = crate::protocol::DEFAULT_BLKS;
 
@@ -125,8 +127,50 @@ struct Spare {
     bytes: usize,
 }
 
-/// Storage of exactly `len` bytes: a spare one if there is, else new.
-fn take(len: usize) -> Box<[u8]> {
+/// A buffer's storage: none, a chunk of the pool (the default size, see
+/// `pool.rs` for why), or a box of any other size.
+enum Storage {
+    None,
+    Chunk(Chunk),
+    Boxed(Box<[u8]>),
+}
+
+impl Storage {
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::None => &[],
+            Storage::Chunk(c) => c.bytes(),
+            Storage::Boxed(b) => b,
+        }
+    }
+
+    #[inline(always)]
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Storage::None => &mut [],
+            Storage::Chunk(c) => c.bytes_mut(),
+            Storage::Boxed(b) => b,
+        }
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        match self {
+            Storage::None => 0,
+            Storage::Chunk(_) => CHUNK,
+            Storage::Boxed(b) => b.len(),
+        }
+    }
+}
+
+/// Storage of exactly `len` bytes: a pool chunk, a spare box, or a new box.
+fn take(len: usize) -> Storage {
+    if len == CHUNK
+        && let Some(c) = Chunk::take()
+    {
+        return Storage::Chunk(c);
+    }
     let reused = SPARE.with(|s| {
         let mut s = s.try_borrow_mut().ok()?;
         let i = s.bufs.iter().rposition(|b| b.len() == len)?;
@@ -134,12 +178,16 @@ fn take(len: usize) -> Box<[u8]> {
         s.bytes -= b.len();
         Some(b)
     });
-    reused.unwrap_or_else(|| vec![0; len].into_boxed_slice())
+    Storage::Boxed(reused.unwrap_or_else(|| vec![0; len].into_boxed_slice()))
 }
 
-/// Keeps `buf` for reuse if the spare list has room; frees it otherwise.
-fn give_back(buf: Box<[u8]>) {
-    refund(buf.len());
+/// Storage back: a chunk to the pool, a box to the spare list if it has
+/// room (else freed); the budget counts it no more.
+fn give_back(storage: Storage) {
+    refund(storage.len());
+    let Storage::Boxed(buf) = storage else {
+        return; // a chunk goes back to the pool as it drops
+    };
     SPARE.with(|s| {
         if let Ok(mut s) = s.try_borrow_mut()
             && s.bytes + buf.len() <= SPARE_BYTES
@@ -153,7 +201,7 @@ fn give_back(buf: Box<[u8]>) {
 /// Bytes `start..end` of `buf` are waiting; `end..` is free space. `buf` is
 /// empty (no storage) while nothing waits.
 pub struct Buffer {
-    buf: Box<[u8]>,
+    buf: Storage,
     capacity: usize,
     start: usize,
     end: usize,
@@ -167,7 +215,7 @@ impl Buffer {
     /// read, as big as the memory budget allows (at least `GUARANTEED`).
     pub fn new(capacity: usize) -> Buffer {
         Buffer {
-            buf: Box::default(),
+            buf: Storage::None,
             capacity,
             start: 0,
             end: 0,
@@ -190,7 +238,10 @@ impl Buffer {
     /// The bytes waiting to be written.
     #[inline(always)]
     pub fn data(&self) -> &[u8] {
-        self.buf.get(self.start..self.end).unwrap_or_default()
+        self.buf
+            .bytes()
+            .get(self.start..self.end)
+            .unwrap_or_default()
     }
 
     #[inline(always)]
@@ -213,7 +264,7 @@ impl Buffer {
     /// Whether storage is held.
     #[inline(always)]
     fn holds_storage(&self) -> bool {
-        !self.buf.is_empty()
+        !matches!(self.buf, Storage::None)
     }
 
     /// One read into the free space: `read` gets at most `limit` bytes of it
@@ -240,7 +291,7 @@ impl Buffer {
     /// Free space for the next read; moves waiting bytes to the front first
     /// (at most one buffer's worth), so the whole capacity is always usable.
     fn space(&mut self) -> &mut [u8] {
-        if self.buf.is_empty() && self.capacity > 0 {
+        if !self.holds_storage() && self.capacity > 0 {
             let size = if self.whole || self.capacity <= GUARANTEED || count(self.capacity, true) {
                 if self.whole || self.capacity <= GUARANTEED {
                     charge(self.capacity);
@@ -253,11 +304,11 @@ impl Buffer {
             self.buf = take(size);
         }
         if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
+            self.buf.bytes_mut().copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        self.buf.get_mut(self.end..).unwrap_or_default()
+        self.buf.bytes_mut().get_mut(self.end..).unwrap_or_default()
     }
 
     /// Marks `n` bytes of `space()` as filled.
@@ -282,7 +333,7 @@ impl Buffer {
             self.start = 0;
             self.end = 0;
             if self.holds_storage() {
-                give_back(std::mem::take(&mut self.buf));
+                give_back(std::mem::replace(&mut self.buf, Storage::None));
             }
         }
     }
@@ -308,7 +359,7 @@ impl Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         if self.holds_storage() {
-            give_back(std::mem::take(&mut self.buf));
+            give_back(std::mem::replace(&mut self.buf, Storage::None));
         }
     }
 }

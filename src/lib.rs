@@ -12,6 +12,7 @@ pub mod limits;
 pub mod listen;
 pub mod logging;
 pub mod notify;
+pub mod pool;
 pub mod protocol;
 pub mod ratelog;
 pub mod resolve;
