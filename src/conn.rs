@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info};
 
 use crate::buffer::{self, Buffer};
-use crate::notify::Job;
+use crate::notify::Slot;
 use crate::protocol::{self, CmdError, Command, ConnRequest, Limits, Line, Settings, Transport};
 use crate::stat::Row;
 
@@ -165,7 +165,7 @@ pub enum Act {
     /// `shutdown(Write)` the remote, then `remote_shut`.
     ShutRemote,
     /// Hand this notification to the notifier.
-    Notify(Arc<Job>),
+    Notify(Arc<Slot>),
     /// The connection is now `Connecting`: resolve or connect to this.
     /// (Boxed: the loop moves an `Act` around for every chunk of data, and a
     /// request would make every one of them big.)
@@ -184,7 +184,7 @@ pub enum Act {
 
 /// Notifications of an echo connection (PROTOCOL.md "Notifications").
 struct Notify {
-    job: Arc<Job>,
+    job: Arc<Slot>,
     pace: Duration,
     last: Option<Instant>,
     /// One is held by PACE until `last + pace`.
@@ -201,7 +201,7 @@ impl Notify {
     }
 
     /// A notification goes out now: the job, if none is waiting already.
-    fn send(&mut self, now: Instant) -> Option<Arc<Job>> {
+    fn send(&mut self, now: Instant) -> Option<Arc<Slot>> {
         self.last = Some(now);
         self.end_told |= self.end_passed;
         self.job.claim().then(|| Arc::clone(&self.job))
@@ -968,7 +968,7 @@ impl Conn {
             self.reply(&reply);
         }
         self.notify = self.settings.ntfy.as_ref().map(|t| Notify {
-            job: Job::new(&self.id, vera, t),
+            job: Slot::new(&self.id, vera, t),
             pace: self.settings.pace,
             last: None,
             held: false,
@@ -1054,7 +1054,7 @@ impl Conn {
     /// `poll_at` may have come: a held notification to send now, if any;
     /// the state moves on if its deadline has passed (the loop then asks
     /// `next` again).
-    pub fn on_deadline(&mut self, now: Instant) -> Option<Arc<Job>> {
+    pub fn on_deadline(&mut self, now: Instant) -> Option<Arc<Slot>> {
         let job = match &mut self.notify {
             Some(n) if n.held && n.due().is_none_or(|due| due <= now) => {
                 n.held = false;
@@ -1090,7 +1090,7 @@ impl Conn {
     /// The final notification, when the connection is closed (PROTOCOL.md
     /// "Notifications"): only for a plugin not yet told of the end, and
     /// that has not closed its own socket.
-    pub fn final_notify(&self) -> Option<Arc<Job>> {
+    pub fn final_notify(&self) -> Option<Arc<Slot>> {
         let n = self.notify.as_ref()?;
         // One held by PACE is news the plugin has not had yet.
         if !n.held && (n.end_told || self.client_ended) {

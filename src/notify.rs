@@ -9,7 +9,7 @@
 //! have gone, of which at most `FINALS_MAX` wait (beyond, the oldest is
 //! dropped and counted in a rate-limited line), so that the queue's memory
 //! is bounded whatever Luup does. Out of scope: deciding when to notify
-//! (coalescing and PACE are the loop's, through `Job::claim`); connections.
+//! (coalescing and PACE are the loop's, through `Slot::claim`); connections.
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -35,13 +35,13 @@ const INPUT_BUFFER: usize = 4096;
 const REQUEST_HEAD: usize = 512;
 /// Notifications in flight at once: enough that 500 busy connections are
 /// not served one GET at a time, few enough for a router. Each connection
-/// still has at most one waiting (`Job::claim`).
+/// still has at most one waiting (`Slot::claim`).
 pub const WORKERS: usize = 4;
 /// ureq needs little stack; the default 2 MiB per thread is address space a
 /// 32-bit router can use better.
 const STACK: usize = 256 * 1024;
 
-/// `Job::state`: nothing to do.
+/// `Slot::state`: nothing to do.
 const IDLE: u8 = 0;
 /// In the queue, not yet taken by a worker.
 const QUEUED: u8 = 1;
@@ -50,20 +50,21 @@ const RUNNING: u8 = 2;
 /// A worker is performing the GET, and newer data needs another one after it.
 const RUNNING_AGAIN: u8 = 3;
 
-/// One connection's notification target, shared between the loop (which
-/// claims it) and the workers (which run it). Per connection, one GET runs at
-/// a time and at most one more waits (PROTOCOL.md "Notifications").
-pub struct Job {
+/// One connection's notification slot: its target URL and whether a GET is
+/// waiting or running, shared between the loop (which claims it) and the
+/// workers (which run it). Per connection, one GET runs at a time and at most
+/// one more waits (PROTOCOL.md "Notifications").
+pub struct Slot {
     pub conn: String,
     pub url: String,
     state: AtomicU8,
     warned: AtomicBool,
 }
 
-impl Job {
-    pub fn new(conn: &str, vera: &str, target: &NotifyTarget) -> Arc<Job> {
+impl Slot {
+    pub fn new(conn: &str, vera: &str, target: &NotifyTarget) -> Arc<Slot> {
         let pid = target.pid.as_deref().unwrap_or(conn);
-        Arc::new(Job {
+        Arc::new(Slot {
             conn: conn.to_string(),
             url: notify_url(vera, target, pid),
             state: AtomicU8::new(IDLE),
@@ -153,11 +154,11 @@ const SWEEP_MIN: usize = 64;
 #[derive(Default)]
 struct Jobs {
     /// Notifications of open connections, served first: each connection has
-    /// at most one waiting (`Job::claim`).
-    live: VecDeque<Arc<Job>>,
+    /// at most one waiting (`Slot::claim`).
+    live: VecDeque<Arc<Slot>>,
     /// Final notifications of connections that have gone, at most
     /// `FINALS_MAX`; served when no live one waits.
-    finals: VecDeque<Arc<Job>>,
+    finals: VecDeque<Arc<Slot>>,
     /// `live.len()` at which the next sweep runs (`Jobs::push_live`).
     sweep_at: usize,
     /// Finals dropped at the cap, for the log.
@@ -167,7 +168,7 @@ struct Jobs {
 }
 
 impl Jobs {
-    fn push_live(&mut self, job: Arc<Job>, now: Instant) -> Option<String> {
+    fn push_live(&mut self, job: Arc<Slot>, now: Instant) -> Option<String> {
         self.live.push_back(job);
         if self.live.len() < self.sweep_at.max(SWEEP_MIN) {
             return None;
@@ -192,7 +193,7 @@ impl Jobs {
 
     /// Queues a final notification; at the cap, drops the oldest. Returns
     /// the log line to write (outside the lock), rate-limited.
-    fn push_final(&mut self, job: Arc<Job>, now: Instant) -> Option<String> {
+    fn push_final(&mut self, job: Arc<Slot>, now: Instant) -> Option<String> {
         self.finals.push_back(job);
         if self.finals.len() <= FINALS_MAX {
             return None;
@@ -208,7 +209,7 @@ impl Jobs {
 
     /// The next job: live ones first. The line, when the finals have run
     /// out after some were dropped, gives the count not logged yet.
-    fn pop(&mut self) -> (Option<Arc<Job>>, Option<String>) {
+    fn pop(&mut self) -> (Option<Arc<Slot>>, Option<String>) {
         if let Some(job) = self.live.pop_front() {
             return (Some(job), None);
         }
@@ -226,7 +227,7 @@ impl Jobs {
 
 impl Queue {
     /// The next job; `None` once the loop has finished and nothing is left.
-    fn next(&self) -> Option<Arc<Job>> {
+    fn next(&self) -> Option<Arc<Slot>> {
         let mut jobs = self.jobs.lock().ok()?;
         loop {
             let (job, line) = jobs.pop();
@@ -243,7 +244,7 @@ impl Queue {
         }
     }
 
-    fn push(&self, job: Arc<Job>, push: fn(&mut Jobs, Arc<Job>, Instant) -> Option<String>) {
+    fn push(&self, job: Arc<Slot>, push: fn(&mut Jobs, Arc<Slot>, Instant) -> Option<String>) {
         // A worker that panicked while holding the lock poisons it; the loop
         // goes on without notifications rather than stopping.
         let Ok(mut jobs) = self.jobs.lock() else {
@@ -283,14 +284,14 @@ impl Notifier {
 
     /// Queues a GET for an open connection and wakes one idle worker; never
     /// blocks for longer than a worker takes to pop a job.
-    pub fn send(&self, job: Arc<Job>) {
+    pub fn send(&self, job: Arc<Slot>) {
         self.queue.push(job, Jobs::push_live);
     }
 
     /// Queues the final notification of a connection that has gone
     /// (PROTOCOL.md "Notifications"): after every live one, and dropped
     /// (oldest first, logged) beyond `FINALS_MAX` waiting.
-    pub fn send_final(&self, job: Arc<Job>) {
+    pub fn send_final(&self, job: Arc<Slot>) {
         self.queue.push(job, Jobs::push_final);
     }
 
@@ -407,7 +408,7 @@ mod tests {
             action: "Do_it.~-".into(),
             pid: Some("x&y=z%".into()),
         };
-        let job = Job::new("17a2c", "http://h:1", &t);
+        let job = Slot::new("17a2c", "http://h:1", &t);
         assert!(
             job.url
                 .ends_with("DeviceNum=7&serviceId=a%20b%2Fc&action=Do_it.~-&Pid=x%26y%3Dz%25")
@@ -422,17 +423,17 @@ mod tests {
         assert!(job.claim(), "idle: queue a new one");
     }
 
-    fn job(conn: &str) -> Arc<Job> {
+    fn job(conn: &str) -> Arc<Slot> {
         let t = NotifyTarget {
             device: 1,
             service: "s".into(),
             action: "a".into(),
             pid: None,
         };
-        Job::new(conn, "http://h:1", &t)
+        Slot::new(conn, "http://h:1", &t)
     }
 
-    fn conns(q: &VecDeque<Arc<Job>>) -> Vec<&str> {
+    fn conns(q: &VecDeque<Arc<Slot>>) -> Vec<&str> {
         q.iter().map(|j| j.conn.as_str()).collect()
     }
 
