@@ -9,6 +9,7 @@
 --   check    calls proxy_check("") as the 5-minute timer does
 --   soon     runs the calls luup.call_delay queued so far for within a minute (the
 --            first check after a start, the check after a restart), in time order
+--   sleep=N  lets N seconds pass (a restarted daemon gets to say why it failed)
 -- Then prints one "DELAY <seconds> <function> <data>" line per call still queued and
 -- one "FAILURE <value>" line per luup.set_failure call.
 
@@ -40,6 +41,9 @@ for i = 2, #arg do
 			end
 		end
 		for _, d in ipairs(later) do table.insert(stub.delays, 1, d) end
+	elseif step:match("^sleep=%d+$") then
+		-- Real time passing, as it does on a Vera before a delayed call runs.
+		os.execute("sleep " .. step:match("%d+"))
 	else
 		error("unknown step " .. step)
 	end
