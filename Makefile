@@ -31,7 +31,7 @@ lint:
 # Paths are absolute: the cli target works in a directory of its own.
 FUZZ_TOOLCHAIN ?= nightly-2026-10-29
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS ?= cli conn_options ini acl command_stream
+FUZZ_TARGETS ?= cli conn_options ini acl command_stream echo
 FUZZ_DIR = $(CURDIR)/fuzz
 
 .PHONY: fuzz
