@@ -857,12 +857,19 @@ impl Conn {
     fn end_remote(&mut self, why: Cow<'static, str>, now: Instant) {
         match self.take_state() {
             State::Echo(e) => {
+                let passed = e.down == Flow::Shut;
                 self.state = State::Echo(Echo {
                     to_remote: Buffer::new(0),
                     to_client: Buffer::new(0),
                     ..e
                 });
                 self.drain(why, e.to_client, now);
+                // Our end already went to the client (and was announced):
+                // only the discarding is left.
+                if passed && let State::Draining(d) = &mut self.state {
+                    d.shut = true;
+                    d.deadline = d.deadline.min(now + DISCARD);
+                }
             }
             other => self.state = other,
         }
@@ -1045,6 +1052,11 @@ impl Conn {
     /// while the daemon is ready to read it (PROTOCOL.md "CONN", RTIM).
     fn rtim_due(&self, e: &Echo) -> Option<Instant> {
         let rtim = self.settings.rtim?;
+        // After its end the remote has nothing more to say: its silence is
+        // no sign of trouble (a half-closed connection goes on).
+        if e.down != Flow::Open {
+            return None;
+        }
         if !room(&e.to_client, self.udp()) {
             return None;
         }
@@ -1756,6 +1768,35 @@ mod tests {
             sim.c.notify.as_ref().is_some_and(|n| n.held),
             "news still held at the close"
         );
+    }
+
+    #[test]
+    fn the_end_is_passed_to_the_client_once() {
+        // Found by the echo fuzz target: with the remote's end already passed on, RTIM
+        // or a remote error drained and passed our end on a second time (a second
+        // "end" notification after the plugin had read "closed").
+        let t0 = Instant::now();
+        let mut sim = Sim::echo("RTIM=100 NTFY=3", t0);
+        sim.remote_ends = true;
+        sim.settle();
+        assert!(sim.client_saw_end);
+        sim.at(100, t0);
+        sim.c.on_deadline(sim.now);
+        assert!(
+            sim.c.is_echo(),
+            "RTIM counts no silence after the remote's end"
+        );
+        sim.client_ends = true;
+        assert_eq!(closed(&sim.settle()), Some("both ends closed"));
+        let mut sim = Sim::echo("", t0);
+        sim.remote_ends = true;
+        sim.settle();
+        sim.remote_fails = true;
+        sim.client_sends = b"x".to_vec();
+        sim.settle();
+        sim.client_ends = true;
+        let act = sim.settle();
+        assert!(closed(&act).is_some_and(|w| w.starts_with("remote: ")));
     }
 
     #[test]

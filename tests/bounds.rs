@@ -392,7 +392,11 @@ fn thirty_thousand_short_connections_with_a_huge_rtim_leave_rss_flat() {
     const WARM: usize = 1_000;
     // Under an emulator each connection costs ~10 times more: fewer there, still
     // 2.7 MB of leaked timers' worth at the old rate per 30,000 (~90 bytes each).
-    let short: usize = if runner_line().is_empty() { 30_000 } else { 5_000 };
+    let short: usize = if runner_line().is_empty() {
+        30_000
+    } else {
+        5_000
+    };
     let luup = FakeLuup::start();
     let d = quiet_daemon(&luup);
     let echo = EchoDevice::start();

@@ -18,15 +18,6 @@ pub const MAX_MAX_CONNS: usize = 1 << 20;
 /// (fuzz/README.md "Known bugs"): their checks are skipped so that `make
 /// fuzz` stays green meanwhile. Delete an entry with its fix.
 const KNOWN_BUGS: &[&str] = &[
-    // Both found by `cli` and fixed in src/config.rs (with unit tests there):
-    // "vera-without-host" (`-N http:///x` accepted) and "newline-in-args"
-    // (an argument's newline made the one error line two).
-    //
-    // Found by `echo` (corpus/echo/bug-end-passed-twice-*): after the
-    // remote's end was passed to the client (`down == Shut`), RTIM or a
-    // remote error drains, and draining passes our end to the client again
-    // (a second `ShutClient`, a second "end" news).
-    "echo-end-passed-twice",
 ];
 
 pub fn known_bug(name: &str) -> bool {
