@@ -1872,8 +1872,10 @@ fn phase_scale(cx: &Ctx) -> Res<J> {
     );
     let mut rows = Vec::new();
     let mut j = Vec::new();
-    // The daemon holds two descriptors per connection plus a dozen of its own.
-    let cap = (cx.nofile.saturating_sub(32) / 2) as usize;
+    // The daemon holds two descriptors per connection beside its own and a reserve
+    // for notifications (README "Security"); it sizes max_conns to that, so stay
+    // under it with room to spare.
+    let cap = (cx.nofile.saturating_sub(128) / 2) as usize;
     for &wanted in &cx.plan.scale {
         let n = wanted.min(cap);
         if n < wanted {

@@ -141,18 +141,21 @@ impl Session {
             Remote::None | Remote::Resolving => {}
         }
         // One timer per connection: a later deadline keeps the armed one
-        // (it fires, finds nothing due, and is armed again), an earlier one
-        // replaces it; a stale one is harmless.
+        // (it fires, finds nothing due, and is armed again: RTIM moves on
+        // every read, and this keeps the wheel out of the data path), an
+        // earlier one replaces it, and none cancels it (PROTOCOL.md
+        // "Lifecycle": an idle daemon has no wake-ups).
         match (self.armed, self.conn.poll_at()) {
             (Some(armed), Some(at)) if at >= armed => {}
-            (armed, Some(at)) => {
+            (armed, at) => {
                 if let Some(old) = armed {
                     ctx.timers.cancel(old, key, Kind::Conn);
                 }
-                ctx.timers.arm(at, key, Kind::Conn);
-                self.armed = Some(at);
+                if let Some(at) = at {
+                    ctx.timers.arm(at, key, Kind::Conn);
+                }
+                self.armed = at;
             }
-            (_, None) => {}
         }
     }
 
@@ -408,6 +411,8 @@ fn check_connect(s: &mut Session, ctx: &mut Ctx, key: usize, now: Instant) {
 
 fn connected(s: &mut Session, ctx: &mut Ctx, peer: SocketAddr, now: Instant) {
     s.conn.connected(&ctx.vera, peer, now);
+    // The addresses not tried are not needed any more (nor their storage).
+    s.addrs = Vec::new();
     match &mut s.remote {
         Remote::Tcp(side) => {
             let _ = side.sock.set_nodelay(true);

@@ -191,3 +191,33 @@ fn idle_daemon_sleeps_without_periodic_wakeups() {
         after - before
     );
 }
+
+#[test]
+fn an_open_echo_connection_leaves_no_timer_behind() {
+    // Each connection has one timer for its next deadline; once in echo mode with no
+    // RTIM or PACE it has none, and the timer armed for the connect (5 s) must go with
+    // it rather than wake the idle daemon (make bench's idle phase: 0.1 wake-ups/s).
+    if std::env::var_os("SOCKPROXYD_RUNNER").is_some() {
+        eprintln!("skipping: under a runner the pid is the runner's");
+        return;
+    }
+    let luup = FakeLuup::start();
+    let d = Daemon::start(&luup.url());
+    let echo = EchoDevice::start();
+    let (mut c, _) = d.client();
+    conn_ok(&mut c, &format!("CONN {}", echo.target()));
+    c.send(b"ping");
+    assert_eq!(c.read_n(4, dur(5_000)), b"ping");
+    std::thread::sleep(Duration::from_millis(300));
+    let before = context_switches(d.pid()).expect("read /proc");
+    // Past the connect deadline (5 s) and the command-mode idle limit's share.
+    std::thread::sleep(Duration::from_millis(6_500));
+    let after = context_switches(d.pid()).expect("read /proc");
+    assert_eq!(
+        after - before,
+        0,
+        "the idle daemon woke with one echo connection open"
+    );
+    c.send(b"pong");
+    assert_eq!(c.read_n(4, dur(5_000)), b"pong");
+}
