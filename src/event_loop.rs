@@ -178,11 +178,14 @@ impl EventLoop {
                 return Err(e);
             }
             let now = Instant::now();
+            // New clients after this batch's others: a connection that ended
+            // in the same instant frees its place first (at max_conns).
+            let mut accepts = Vec::new();
             for event in events.iter() {
                 match event.token() {
                     WAKER => self.on_answers(now),
                     SIGNALS => self.on_signals(),
-                    Token(t) if t >= LISTENERS => self.accept(t - LISTENERS, now),
+                    Token(t) if t >= LISTENERS => accepts.push(t - LISTENERS),
                     Token(t) => {
                         let key = t / 2;
                         if let Some(s) = self.sessions.get_mut(key) {
@@ -195,6 +198,9 @@ impl EventLoop {
                         }
                     }
                 }
+            }
+            for index in accepts {
+                self.accept(index, now);
             }
             for (key, kind) in self.ctx.timers.expired(now) {
                 self.on_timer(key, kind, now);
