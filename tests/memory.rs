@@ -138,7 +138,10 @@ fn huge_buffers_stay_within_max_mem_and_lose_nothing() {
     // One line per episode (a budget that frees to 3/4 and fills again starts another):
     // logged, and not once per refused buffer.
     let episodes = d.log_count(spent);
-    assert!((1..=20).contains(&episodes), "{episodes} 'memory budget spent' lines");
+    assert!(
+        (1..=20).contains(&episodes),
+        "{episodes} 'memory budget spent' lines"
+    );
 
     // Meanwhile a fresh client is greeted, connects and echoes.
     let (mut c, _) = d.client();
