@@ -331,12 +331,8 @@ impl Conn {
         mem::replace(&mut self.state, State::Closed(Cow::Borrowed("")))
     }
 
-    fn udp(&self) -> bool {
-        self.settings.transport == Transport::Udp
-    }
-
     pub fn is_udp(&self) -> bool {
-        self.udp()
+        self.settings.transport == Transport::Udp
     }
 
     pub fn is_echo(&self) -> bool {
@@ -354,7 +350,7 @@ impl Conn {
     /// interest follows it, so the kernel holds a peer we do not read).
     pub fn wants_read(&self) -> (bool, bool) {
         let open = !self.client_ended;
-        let udp = self.udp();
+        let udp = self.is_udp();
         match &self.state {
             State::Command { input } => (open && !input.is_full(), false),
             State::Connecting { early, .. } => (open && !early.is_full(), false),
@@ -552,7 +548,7 @@ impl Conn {
     /// Echo mode: the first of the six moves, in round-robin order, that
     /// can be made now (PROTOCOL.md "Echo mode").
     fn next_echo(&mut self, ready: Ready) -> Option<Act> {
-        let udp = self.udp();
+        let udp = self.is_udp();
         let out_empty = self.out.is_empty();
         let State::Echo(e) = &self.state else {
             return Some(Act::Wait);
@@ -646,7 +642,7 @@ impl Conn {
     /// The loop read the client: `read` fills the slice it is given and
     /// returns the count (0: end of stream), or the socket's error.
     pub fn read_client(&mut self, now: Instant, read: impl FnOnce(&mut [u8]) -> io::Result<usize>) {
-        let udp = self.udp();
+        let udp = self.is_udp();
         let blks = self.settings.blks;
         let result = match &mut self.state {
             State::Command { input } => input.read_with(usize::MAX, read),
@@ -709,7 +705,7 @@ impl Conn {
             self.count_out();
             return;
         }
-        let udp = self.udp();
+        let udp = self.is_udp();
         match &mut self.state {
             State::Echo(e) => {
                 // A full buffer toward the client held the remote back: that
@@ -771,7 +767,7 @@ impl Conn {
         now: Instant,
         read: impl FnOnce(&mut [u8]) -> io::Result<(usize, Option<SocketAddr>)>,
     ) {
-        let udp = self.udp();
+        let udp = self.is_udp();
         let State::Echo(e) = &mut self.state else {
             return;
         };
@@ -811,7 +807,7 @@ impl Conn {
             return &[];
         };
         let data = e.to_remote.data();
-        if self.udp() {
+        if self.is_udp() {
             data.get(..self.settings.blks.min(data.len()))
                 .unwrap_or(data)
         } else {
@@ -826,7 +822,7 @@ impl Conn {
             Err(e) => return self.remote_failed(&e, now),
         };
         // A datagram goes whole or not at all.
-        let used = if self.udp() {
+        let used = if self.is_udp() {
             self.remote_data().len()
         } else {
             n
@@ -962,7 +958,7 @@ impl Conn {
         // The client may have sent more than one block behind its CONN
         // line: the buffer toward the remote is made big enough to keep it.
         // UDP buffers hold whole datagrams, whatever the memory budget.
-        let udp = self.udp();
+        let udp = self.is_udp();
         let new = |n| {
             if udp {
                 Buffer::whole(n)
@@ -1059,7 +1055,7 @@ impl Conn {
         if e.down != Flow::Open {
             return None;
         }
-        if !room(&e.to_client, self.udp()) {
+        if !room(&e.to_client, self.is_udp()) {
             return None;
         }
         e.heard.checked_add(rtim)
