@@ -103,26 +103,6 @@ fn abandoned_slow_lookups_delay_neither_an_address_nor_a_fast_name() {
     }
 }
 
-/// The daemon with RLIMIT_NOFILE `soft`/`hard`, as a shell's `ulimit -Sn`/`-Hn` leave it.
-fn start_with_nofile(args: &[String], soft: u64, hard: u64) -> Daemon {
-    use std::os::unix::process::CommandExt;
-    let mut cmd = command(args);
-    // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let lim = libc::rlimit {
-                rlim_cur: soft as libc::rlim_t,
-                rlim_max: hard as libc::rlim_t,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Daemon::spawn_command(cmd, None).unwrap_or_else(|f| panic!("{f:?}"))
-}
-
 /// `Max open files` of /proc/<pid>/limits: (soft, hard).
 fn proc_nofile(pid: i32) -> Option<(u64, u64)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
@@ -147,7 +127,7 @@ fn the_soft_descriptor_limit_is_raised_to_the_hard_one() {
         return;
     }
     let luup = FakeLuup::start();
-    let d = start_with_nofile(&std_args(&luup.url()), 1024, hard);
+    let d = Daemon::start_nofile_soft_hard(&std_args(&luup.url()), 1024, hard);
     let line = d.wait_log(dur(5_000), "the descriptor limit", |l| {
         l.contains("INFO") && l.contains("descriptors:")
     });

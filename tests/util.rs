@@ -1574,14 +1574,21 @@ impl Daemon {
     /// hard) is `nofile`, as `ulimit -n` would set it.
     #[track_caller]
     pub fn start_nofile(args: &[String], nofile: u64) -> Daemon {
+        Self::start_nofile_soft_hard(args, nofile, nofile)
+    }
+
+    /// Starts a daemon with RLIMIT_NOFILE `soft`/`hard`, as a shell's `ulimit -Sn`/`-Hn`
+    /// leave it.
+    #[track_caller]
+    pub fn start_nofile_soft_hard(args: &[String], soft: u64, hard: u64) -> Daemon {
         use std::os::unix::process::CommandExt;
         let mut cmd = command(args);
         // SAFETY: only setrlimit, async-signal-safe, between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 let lim = libc::rlimit {
-                    rlim_cur: nofile as libc::rlim_t,
-                    rlim_max: nofile as libc::rlim_t,
+                    rlim_cur: soft as libc::rlim_t,
+                    rlim_max: hard as libc::rlim_t,
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                     return Err(io::Error::last_os_error());
@@ -1591,7 +1598,7 @@ impl Daemon {
         }
         Self::spawn_command(cmd, None).unwrap_or_else(|f| {
             panic!(
-                "sockproxyd {args:?} (nofile {nofile}) did not get ready (exit status {:?}); its log:\n{}",
+                "sockproxyd {args:?} (nofile {soft}/{hard}) did not get ready (exit status {:?}); its log:\n{}",
                 f.status,
                 f.log.join("\n")
             )
